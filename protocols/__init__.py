@@ -1,0 +1,1 @@
+"""What participants and the coordinator must agree on: data records, pieces, seeds, messages."""

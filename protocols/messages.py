@@ -1,0 +1,77 @@
+"""Every exchange between the coordinator and participants: message types and record keys.
+
+Message types follow Flower's "<category>.<action>" rule. Pieces travel as an ArrayRecord of
+float32/float16 tensors ("<i>.A", "<i>.B", "<i>.gate") plus one JSON metadata string per piece in a
+ConfigRecord; the receiver rebuilds each piece and checks its signature over the same canonical
+digest that the sender signed, so the container never has to be trusted.
+
+    SHARE          server -> sharer     config: training settings              (train.share)
+                   sharer -> server     pieces + metrics
+    GATES          server -> newcomer   gates of the pool for one seed         (query.gates)
+                   newcomer -> server   ids of the pieces it shortlisted
+    ASSEMBLE       server -> newcomer   the shortlisted pieces + settings      (train.assemble)
+                   newcomer -> server   metrics only (seed vs. assembled)
+Replies never carry personal data: only pieces the sharer chose to share, piece ids, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from protocols.pieces import Piece, PieceFormatError
+
+SHARE = "train.share"
+GATES = "query.gates"
+ASSEMBLE = "train.assemble"
+
+# record keys inside a message's RecordDict
+CONFIG = "config"  # ConfigRecord of settings (server -> participant)
+PIECES = "pieces"  # ArrayRecord of piece tensors
+PIECE_META = "piece-meta"  # ConfigRecord: {"meta": [json, ...]}
+GATE_ARRAYS = "gates"  # ArrayRecord: {piece_id: gate}
+GATE_META = "gate-meta"  # ConfigRecord: {"ids": [...], "positions": [...], "ranks": [...]}
+SHORTLIST = "shortlist"  # ConfigRecord: {"ids": [...]}
+METRICS = "metrics"  # MetricRecord
+INFO = "info"  # ConfigRecord of strings (user name, seed, notes)
+
+
+def pieces_to_records(pieces: list[Piece]) -> tuple[ArrayRecord, ConfigRecord]:
+    arrays = {}
+    for i, p in enumerate(pieces):
+        for name in ("A", "B", "gate"):
+            arr = np.ascontiguousarray(getattr(p, name))
+            if arr.dtype not in (np.float32, np.float16):
+                raise TypeError(f"piece {p.position}: {name} is {arr.dtype}; send float32 or float16")
+            arrays[f"{i}.{name}"] = Array(arr)
+    return ArrayRecord(arrays), ConfigRecord({"meta": [p.wire_meta() for p in pieces]})
+
+
+def pieces_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> list[Piece]:
+    metas = list(meta["meta"]) if "meta" in meta else []
+    pieces = []
+    for i, raw in enumerate(metas):
+        try:
+            fields = json.loads(raw)
+            tensors = {name: arrays[f"{i}.{name}"].numpy() for name in ("A", "B", "gate")}
+        except (KeyError, ValueError) as err:
+            raise PieceFormatError(f"piece {i} of the message is incomplete: {err}") from None
+        pieces.append(Piece.from_parts(fields, tensors))
+    return pieces
+
+
+def gates_to_records(entries: list[tuple[str, str, int, np.ndarray]]) -> tuple[ArrayRecord, ConfigRecord]:
+    """entries: (piece_id, position, rank, gate)."""
+    arrays = {pid: Array(np.ascontiguousarray(g, dtype=np.float32)) for pid, _, _, g in entries}
+    meta = ConfigRecord({"ids": [e[0] for e in entries], "positions": [e[1] for e in entries],
+                         "ranks": [int(e[2]) for e in entries]})
+    return ArrayRecord(arrays), meta
+
+
+def gates_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> list[tuple[str, str, int, np.ndarray]]:
+    if "ids" not in meta or not list(meta["ids"]):
+        return []
+    return [(pid, pos, int(rank), arrays[pid].numpy())
+            for pid, pos, rank in zip(meta["ids"], meta["positions"], meta["ranks"])]
