@@ -5,6 +5,8 @@ float32/float16 tensors ("<i>.A", "<i>.B", "<i>.gate") plus one JSON metadata st
 ConfigRecord; the receiver rebuilds each piece and checks its signature over the same canonical
 digest that the sender signed, so the container never has to be trusted.
 
+    PROFILE        server -> participant                                        (query.profile)
+                   participant -> server history size + noised mean embedding
     SHARE          server -> sharer     config: training settings              (train.share)
                    sharer -> server     pieces + metrics
     GATES          server -> newcomer   gates of the pool for one seed         (query.gates)
@@ -23,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from protocols.pieces import Piece, PieceFormatError
 
+PROFILE = "query.profile"
 SHARE = "train.share"
 GATES = "query.gates"
 ASSEMBLE = "train.assemble"
@@ -35,6 +38,7 @@ GATE_ARRAYS = "gates"  # ArrayRecord: {piece_id: gate}
 GATE_META = "gate-meta"  # ConfigRecord: {"ids": [...], "positions": [...], "ranks": [...]}
 SHORTLIST = "shortlist"  # ConfigRecord: {"ids": [...]}
 METRICS = "metrics"  # MetricRecord
+PROFILE_RECORD = "profile"  # ConfigRecord: {"count": int, "embedding": [float, ...]}
 INFO = "info"  # ConfigRecord of strings (user name, seed, notes)
 
 

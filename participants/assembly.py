@@ -1,0 +1,193 @@
+"""A newcomer assembles its adapter from the pool, in forward passes only (Per-Pcs).
+
+For each position m, with x the module's input on the newcomer's own history:
+    score_s = mean over examples of ( mean over answer-predicting tokens of LN(x)·LN(g_s)/sqrt(d) )
+keep the top k pieces, w = softmax(score / tau), and mix A and B separately:
+    A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j   (s_j = alpha_j / rank_j folded into B)
+The mix is applied inside the same forward pass, so positions later in the network are scored on
+activations that already carry the earlier choices. Each history batch assembles anew; the
+adapter is the uniform mean of the per-batch mixes.
+
+Two phases keep the download small: `shortlist` scores every gate of the pool on the bare seed
+and returns the ids of the best few per position; `assemble` runs the sequential procedure
+above on just those pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from participants.chat_data import batches, encode_all, predicts_answer_mask
+from participants.lora_hooks import modules_at
+from participants.progress import progress
+from participants.seed_loading import LoadedSeed
+from protocols.pieces import Piece
+from protocols.records import PersonalRecord
+
+
+@dataclass
+class AssemblySettings:
+    top_k: int = 3
+    temperature: float = 1.0
+    shortlist: int = 6  # pieces per position fetched after the gate phase (>= top_k)
+    batch_size: int = 8
+    max_len: int = 128
+
+
+@dataclass
+class Assembly:
+    weights: dict[str, tuple[np.ndarray, np.ndarray]]  # position -> (A, B) with scaling folded into B
+    rank: int
+    choices: list[dict[str, list[tuple[str, float]]]] = field(default_factory=list)  # per batch
+    seconds: float = 0.0
+    tokens: int = 0  # tokens through forward passes
+
+    @property
+    def alpha(self) -> float:
+        return float(self.rank)  # scaling 1: it is already inside B
+
+
+def _token_scores(x: torch.Tensor, gates_ln: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-candidate score: token mean over the mask per example, then mean over examples."""
+    d = x.shape[-1]
+    h = F.layer_norm(x.float(), (d,))
+    s = torch.einsum("btd,nd->btn", h, gates_ln) / math.sqrt(d)
+    m = mask.unsqueeze(-1).float()
+    counts = m.sum(dim=1)  # (b, 1)
+    keep = counts.squeeze(-1) > 0  # examples whose answer was cut away entirely carry no signal
+    per_example = (s * m).sum(dim=1)[keep] / counts[keep]
+    return per_example.mean(dim=0)
+
+
+def _history_batches(seed: LoadedSeed, history: list[PersonalRecord], settings: AssemblySettings):
+    examples = encode_all(seed.tokenizer, history, settings.max_len)
+    return list(batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device))
+
+
+def shortlist(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple[str, str, int, np.ndarray]],
+              settings: AssemblySettings) -> list[str]:
+    """Phase 1: ids of the best `settings.shortlist` pieces per position, scored on the bare seed."""
+    by_pos: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
+    for pid, pos, _rank, g in gates:
+        by_pos[pos].append((pid, g))
+    gate_ln = {pos: F.layer_norm(torch.from_numpy(np.stack([g for _, g in c])).float().to(seed.device),
+                                 (c[0][1].shape[0],)) for pos, c in by_pos.items()}
+    totals = {pos: torch.zeros(len(c), device=seed.device) for pos, c in by_pos.items()}
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+    for pos, module in modules_at(seed.model, by_pos).items():
+        def hook(m, args, out, pos=pos):
+            totals[pos] += _token_scores(args[0], gate_ln[pos], state["mask"])
+        handles.append(module.register_forward_hook(hook))
+    hist = _history_batches(seed, history, settings)
+    try:
+        with torch.no_grad():
+            for batch in hist:
+                state["mask"] = predicts_answer_mask(batch["labels"])
+                seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    keep = []
+    for pos, cands in by_pos.items():
+        order = torch.argsort(totals[pos], descending=True)[: settings.shortlist].tolist()
+        keep.extend(cands[i][0] for i in order)
+    return keep
+
+
+class _Position:
+    """The candidates at one position, ready for scoring and mixing on the device."""
+
+    def __init__(self, pieces: list[Piece], device):
+        self.ids = [p.piece_id for p in pieces]
+        d_in = pieces[0].A.shape[1]
+        self.gates_ln = F.layer_norm(torch.from_numpy(np.stack([p.gate for p in pieces])).float().to(device), (d_in,))
+        self.A = torch.from_numpy(np.stack([p.A for p in pieces])).float().to(device)  # (n, r, d_in)
+        self.B = torch.from_numpy(np.stack([p.B * p.scaling for p in pieces])).float().to(device)  # (n, d_out, r)
+
+
+def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece],
+             settings: AssemblySettings) -> Assembly:
+    """Phase 2: sequential top-k assembly over the given pieces, averaged over history batches."""
+    if not pieces:
+        raise ValueError("no pieces to assemble from: the pool is empty for this seed")
+    rank = _common_rank(pieces)
+    grouped: dict[str, list[Piece]] = defaultdict(list)
+    for p in pieces:
+        if p.rank == rank:
+            grouped[p.position].append(p)
+    positions = {pos: _Position(ps, seed.device) for pos, ps in grouped.items()}
+    sums = {pos: [0.0, 0.0] for pos in positions}
+    result = Assembly(weights={}, rank=rank)
+    state: dict = {}
+
+    def make_hook(pos: str):
+        cand = positions[pos]
+
+        def hook(module, args, out):
+            x = args[0]
+            scores = _token_scores(x, cand.gates_ln, state["mask"])
+            k = min(settings.top_k, len(cand.ids))
+            top_scores, top = torch.topk(scores, k)
+            w = torch.softmax(top_scores / settings.temperature, dim=0)
+            A = torch.einsum("n,nrd->rd", w, cand.A[top])
+            B = torch.einsum("n,nor->or", w, cand.B[top])
+            sums[pos][0] = sums[pos][0] + A
+            sums[pos][1] = sums[pos][1] + B
+            state["choices"][pos] = [(cand.ids[i], float(wi)) for i, wi in zip(top.tolist(), w.tolist())]
+            return out + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(pos)) for pos, m in modules_at(seed.model, positions).items()]
+    hist = _history_batches(seed, history, settings)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad(), progress(len(hist), "assembling") as bar:
+            for batch in hist:
+                state["mask"] = predicts_answer_mask(batch["labels"])
+                state["choices"] = {}
+                seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                result.choices.append(state["choices"])
+                result.tokens += int(batch["attention_mask"].sum())
+                bar.update()
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(hist)
+    result.weights = {pos: ((a / n).cpu().numpy(), (b / n).cpu().numpy()) for pos, (a, b) in sums.items()}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _common_rank(pieces: list[Piece]) -> int:
+    """A and B mix only at equal rank: use the rank most pieces have."""
+    counts: dict[int, int] = defaultdict(int)
+    for p in pieces:
+        counts[p.rank] += 1
+    return max(counts, key=lambda r: (counts[r], -r))
+
+
+def random_assembly(pieces: list[Piece], settings: AssemblySettings, seed: int = 0) -> Assembly:
+    """The random-pieces baseline: the same mixing with random scores instead of gate scores."""
+    rng = np.random.default_rng(seed)
+    rank = _common_rank(pieces)
+    grouped: dict[str, list[Piece]] = defaultdict(list)
+    for p in pieces:
+        if p.rank == rank:
+            grouped[p.position].append(p)
+    weights = {}
+    for pos, ps in grouped.items():
+        k = min(settings.top_k, len(ps))
+        idx = rng.choice(len(ps), size=k, replace=False)
+        w = np.exp(rng.standard_normal(k) / settings.temperature)
+        w /= w.sum()
+        weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
+                        sum(wi * ps[i].B.astype(np.float32) * ps[i].scaling for wi, i in zip(w, idx)))
+    return Assembly(weights=weights, rank=rank)

@@ -1,0 +1,53 @@
+"""A participant's device: where its private data, signing key and adapters live.
+
+On a real device the SuperNode is started with `--node-config "device-dir='/path'"`. In a
+simulation every virtual participant gets `$BOUQUET_DEVICES_ROOT/<partition-id>/`, prepared by
+`bouquet simulate`. Layout:
+    history.jsonl   the personal records it trains on or assembles with
+    test.jsonl      held-out records for evaluation (optional)
+    key.pem         its Ed25519 signing key (created on first use)
+    adapter/        its assembled adapter, a PEFT LoRA folder
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocols.identity import load_or_create_key
+from protocols.records import PersonalRecord, load_records
+
+DEVICES_ROOT_ENV = "BOUQUET_DEVICES_ROOT"
+
+
+@dataclass(frozen=True)
+class Device:
+    root: Path
+
+    @classmethod
+    def from_node_config(cls, node_config: dict) -> "Device":
+        if "device-dir" in node_config:
+            return cls(Path(str(node_config["device-dir"])))
+        root = os.environ.get(DEVICES_ROOT_ENV)
+        if root is not None and "partition-id" in node_config:
+            return cls(Path(root) / str(node_config["partition-id"]))
+        raise RuntimeError("this node has no device folder: start the SuperNode with "
+                           "--node-config \"device-dir='/path/to/device'\" (a folder holding history.jsonl)")
+
+    def history(self) -> list[PersonalRecord]:
+        return load_records(self.root / "history.jsonl")
+
+    def test(self) -> list[PersonalRecord]:
+        path = self.root / "test.jsonl"
+        return load_records(path) if path.exists() else []
+
+    def user(self) -> str:
+        return self.history()[0].user
+
+    def key(self):
+        return load_or_create_key(self.root / "key.pem")
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"

@@ -1,0 +1,47 @@
+"""Gate training: one vector per piece, learned with the seed and the pieces frozen.
+
+The LoRA branch sees p(x)·x with p(x) = sigmoid(g·x), so g learns on which inputs this piece
+helps the sharer's own answers. Gates start at zero (p = 0.5) and are only used to score pieces
+for newcomers; they are never applied at inference.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from participants.chat_data import encode_all, endless_batches, next_token_loss
+from participants.lora_hooks import LoraBranch, attached
+from participants.lora_training import LoraSettings, LoraWeights, TrainReport
+from participants.progress import progress
+from participants.seed_loading import LoadedSeed
+from protocols.records import PersonalRecord
+
+
+def train_gates(seed: LoadedSeed, records: list[PersonalRecord], weights: LoraWeights, settings: LoraSettings,
+                steps: int, lr: float = 5e-3, desc: str = "gates") -> tuple[dict[str, np.ndarray], TrainReport]:
+    torch.manual_seed(settings.seed + 1)
+    dev, scaling = seed.device, settings.alpha / settings.rank
+    gates = {pos: torch.zeros(A.shape[1], device=dev, requires_grad=True) for pos, (A, _) in weights.items()}
+    branches = {pos: LoraBranch(torch.from_numpy(A).to(dev), torch.from_numpy(B).to(dev), scaling, gates[pos])
+                for pos, (A, B) in weights.items()}
+    opt = torch.optim.AdamW(list(gates.values()), lr=lr, weight_decay=0.0)
+    examples = encode_all(seed.tokenizer, records, settings.max_len)
+    data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, dev, settings.seed + 1)
+    report = TrainReport()
+    start = time.perf_counter()
+    with attached(seed.model, branches), progress(steps, desc) as bar:
+        for _ in range(steps):
+            batch = next(data)
+            logits = seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = next_token_loss(logits, batch["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            report.losses.append(loss.item())
+            report.tokens += int(batch["attention_mask"].sum())
+            bar.update(loss=report.losses[-1])
+    report.seconds = time.perf_counter() - start
+    return {pos: g.detach().float().cpu().numpy() for pos, g in gates.items()}, report

@@ -1,0 +1,111 @@
+"""Private LoRA training with PEFT on the participant's own records (loss on its answers only)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from participants.chat_data import encode_all, endless_batches, next_token_loss
+from participants.progress import progress
+from participants.seed_loading import LoadedSeed
+from protocols.records import PersonalRecord
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 4
+    max_len: int = 128
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0  # tokens through forward and backward
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+LoraWeights = dict[str, tuple[np.ndarray, np.ndarray]]  # position -> (A, B), float32
+
+
+def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings: LoraSettings,
+                       init: LoraWeights | None = None, desc: str = "private LoRA") -> tuple[LoraWeights, TrainReport]:
+    """Train a LoRA on the records; return its weights per position and what it cost.
+
+    `init` starts from given weights (e.g. an assembled adapter) instead of PEFT's fresh init.
+    The cached seed model is restored (LoRA layers unloaded) before returning.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(settings.seed)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets) if init is None else sorted(init),
+                        bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(seed.model, config)
+    try:
+        layers = _lora_layers(model)
+        if init is not None:
+            _load_weights(layers, init, settings.rank, seed.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))
+        examples = encode_all(seed.tokenizer, records, settings.max_len)
+        data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device, settings.seed)
+        report = TrainReport()
+        model.train()
+        start = time.perf_counter()
+        with progress(settings.steps, desc) as bar:
+            for _ in range(settings.steps):
+                batch = next(data)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = next_token_loss(logits, batch["labels"])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                report.losses.append(loss.item())
+                report.tokens += int(batch["attention_mask"].sum())
+                bar.update(loss=report.losses[-1])
+        report.seconds = time.perf_counter() - start
+        weights = {pos: (layer.lora_A["default"].weight.detach().float().cpu().numpy().copy(),
+                         layer.lora_B["default"].weight.detach().float().cpu().numpy().copy())
+                   for pos, layer in layers.items()}
+        return weights, report
+    finally:
+        model.eval()
+        model.unload()  # back to the bare seed, shared by everything in this process
+        seed.model.requires_grad_(False)
+
+
+def _lora_layers(peft_model) -> dict:
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    return {name[len(prefix):] if name.startswith(prefix) else name: m
+            for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _load_weights(layers: dict, init: LoraWeights, rank: int, device) -> None:
+    with torch.no_grad():
+        for pos, (A, B) in init.items():
+            if A.shape[0] != rank:
+                raise ValueError(f"{pos}: initial A has rank {A.shape[0]}, training uses rank {rank}")
+            layer = layers[pos]
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(A).to(device))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(B).to(device))

