@@ -47,4 +47,4 @@ def noised_profile(
         raise ValueError("a profile needs at least one history record")
     mean = embed_texts([f"{r.input}\n{r.output}" for r in records]).mean(axis=0)
     noised = mean + rng.normal(0.0, noise_std, size=mean.shape)
-    return len(records), (noised).astype(np.float32)
+    return len(records), (noised / np.linalg.norm(noised)).astype(np.float32)

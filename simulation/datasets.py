@@ -20,6 +20,7 @@ import re
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from protocols.records import PersonalRecord, group_by_user, load_records, save_records
 
@@ -59,7 +60,7 @@ def load_users(
     if history_size < 1 or test_size < 1:
         raise ValueError(f"history_size and test_size must be at least 1, got {history_size} and {test_size}")
     if data == "healthtweets":
-        users = _split_shuffled(_healthtweets_by_account(), history_size, test_size, seed)
+        users = _split_shuffled(tweets_by_account(_healthtweets_rows()), history_size, test_size, seed)
     elif data == "styleqa" or Path(data).is_dir():
         folder = find_styleqa() if data == "styleqa" else Path(data)
         users = _styleqa_users(folder, history_size, test_size, seed, styleqa_users_per_style)
@@ -131,20 +132,25 @@ def healthtweets_zip() -> Path:
     return path
 
 
-def _healthtweets_by_account() -> dict[str, list[PersonalRecord]]:
-    """Each account's kept tweets, in file order, without duplicate outputs; accounts sorted by name."""
+def tweets_by_account(rows: Iterable[tuple[str, str]]) -> dict[str, list[PersonalRecord]]:
+    """Each account's kept (source_id, text) tweets in file order, without repeated outputs; sorted by name."""
     accounts: dict[str, list[PersonalRecord]] = {}
     seen: dict[str, set[str]] = {}
+    for source_id, text in rows:
+        account = source_id.split("-", 1)[0]
+        record = tweet_record(account, source_id, text)
+        outputs = seen.setdefault(account, set())
+        if record is None or record.output in outputs:
+            continue
+        outputs.add(record.output)
+        accounts.setdefault(account, []).append(record)
+    return {name: accounts[name] for name in sorted(accounts, key=str.lower)}
+
+
+def _healthtweets_rows() -> Iterator[tuple[str, str]]:
     with zipfile.ZipFile(healthtweets_zip()) as archive, archive.open("healthtweets.csv") as raw:
         for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
-            account = row["source_id"].split("-", 1)[0]
-            record = tweet_record(account, row["source_id"], row["text"] or "")
-            outputs = seen.setdefault(account, set())
-            if record is None or record.output in outputs:
-                continue
-            outputs.add(record.output)
-            accounts.setdefault(account, []).append(record)
-    return {name: accounts[name] for name in sorted(accounts, key=str.lower)}
+            yield row["source_id"], row["text"] or ""
 
 
 def _split_shuffled(

@@ -17,6 +17,7 @@ from simulation.datasets import (
     load_users,
     shorten_urls,
     tweet_record,
+    tweets_by_account,
     write_user_files,
 )
 
@@ -57,13 +58,28 @@ def test_tweet_record_builds_a_plain_prompt_and_a_styled_answer():
     )
     trailing = tweet_record("goodhealth", "goodhealth-2", "19 signs your thyroid is out of whack: http://ow.ly/ED9zt")
     assert trailing is not None and trailing.input == HEALTHTWEETS_PROMPT + "19 signs your thyroid is out of whack"
-    assert tweet_record("a", "a-3", "Q&amp;A on sleep and stress http://nyti.ms/x").output == "Q&A on sleep and stress http://nyti.ms"
+    entity = tweet_record("a", "a-3", "Q&amp;A on sleep and stress http://nyti.ms/x")
+    assert entity is not None and entity.output == "Q&A on sleep and stress http://nyti.ms"
 
 
 def test_tweet_record_drops_retweets_and_short_tweets():
     assert tweet_record("a", "a-1", "RT @someone: a long enough retweet about flu shots http://t.co/x") is None
     assert tweet_record("a", "a-2", "@someone Great, thanks! http://bit.ly/x") is None
     assert tweet_record("a", "a-3", "Flu shots work for most http://bit.ly/x") is not None
+
+
+def test_tweets_by_account_filters_and_orders_accounts():
+    rows = [
+        ("zeta-1", "Flu season starts early this year http://bbc.in/a"),
+        ("Alpha-2", "Walking daily lowers blood pressure http://n.pr/b"),
+        ("zeta-3", "Flu season starts early this year http://bbc.in/c"),  # same output once shortened
+        ("zeta-4", "RT @x: Flu season starts early this year http://bbc.in/d"),
+        ("zeta-5", "Thanks, great chat! http://bbc.in/e"),
+        ("zeta-6", "New study on sleep and memory http://bbc.in/f"),
+    ]
+    accounts = tweets_by_account(rows)
+    assert list(accounts) == ["Alpha", "zeta"]
+    assert [r.id for r in accounts["zeta"]] == ["zeta-1", "zeta-6"]
 
 
 def test_healthtweets_gives_the_16_accounts_in_name_order(tweets):
