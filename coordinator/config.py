@@ -32,6 +32,7 @@ class RunSettings:
     shortlist: int = 6
     max_new_tokens: int = 40
     generate: bool = True
+    profile_noise: float = 0.02  # std per coordinate of the noise on a participant's mean embedding
     seed_number: int = 0
     timeout: float = 1800.0
     min_nodes: int = 0  # wait until this many nodes are connected (0: num_sharers + num_newcomers)
@@ -69,5 +70,5 @@ class RunSettings:
         """The subset sent to participants in every message's config record."""
         keys = ("seed", "lora_rank", "lora_alpha", "lora_steps", "lora_lr", "gate_steps", "gate_lr", "batch_size",
                 "max_len", "share_ratio", "top_k", "temperature", "shortlist", "max_new_tokens", "generate",
-                "seed_number")
+                "profile_noise", "seed_number")
         return {k.replace("_", "-"): v for k, v in asdict(self).items() if k in keys}

@@ -45,7 +45,7 @@ def profile(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     device = Device.from_node_config(context.node_config)
     rng = np.random.default_rng(int(cfg.get("seed-number", 0)) + int(context.node_id % 2**31))
-    count, vec = noised_profile(device.history(), noise_std=float(cfg.get("profile-noise", 0.05)), rng=rng)
+    count, vec = noised_profile(device.history(), noise_std=float(cfg.get("profile-noise", 0.02)), rng=rng)
     return _reply(msg, **{M.PROFILE_RECORD: ConfigRecord({"count": count, "embedding": [float(v) for v in vec]})})
 
 

@@ -38,23 +38,28 @@ def prepare_devices(users: list[UserData], run_dir: Path) -> dict[int, str]:
 def run_federation(users: list[UserData], settings: RunSettings, *, cpus_per_client: float = 1.0,
                    ray_address: str | None = None, gpus_per_client: float = 0.0) -> dict:
     """Run one bouquet round over virtual participants; return the metrics the coordinator wrote."""
-    from flwr.simulation import run_simulation
-
     run_dir = Path(settings.out_dir)
     mapping = prepare_devices(users, run_dir)
-    env = {DEVICES_ROOT_ENV: str((run_dir / "devices").resolve())}
-    for key in ("BOUQUET_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    os.environ.update(env)  # the local Ray workers inherit it; runtime_env carries it to other machines
-    init_args: dict = {"runtime_env": {"env_vars": env}, "include_dashboard": False}
+    return simulate_devices(run_dir, mapping, settings, cpus_per_client=cpus_per_client, ray_address=ray_address,
+                            gpus_per_client=gpus_per_client)
+
+
+def simulate_devices(run_dir: Path, mapping: dict[int, str], settings: RunSettings, *, cpus_per_client: float = 1.0,
+                     ray_address: str | None = None, gpus_per_client: float = 0.0) -> dict:
+    """Run the Flower simulation over devices already laid out under run_dir/devices/."""
+    from flwr.simulation import run_simulation
+
+    # Ray workers inherit the driver's environment on this machine; on a cluster, start the other
+    # machines' `ray start` with BOUQUET_DEVICES_ROOT set to a shared folder.
+    os.environ[DEVICES_ROOT_ENV] = str((run_dir / "devices").resolve())
+    init_args: dict = {"include_dashboard": False}
     if ray_address:
         init_args["address"] = ray_address
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
                "init_args": init_args}
-    run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=len(users),
+    run_simulation(server_app=make_server_app(settings), client_app=client_app, num_supernodes=len(mapping),
                    backend_config=backend)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():

@@ -1,0 +1,142 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from participants.adapters import branches, load_peft_adapter, save_peft_adapter
+from participants.assembly import AssemblySettings, assemble, random_assembly, shortlist
+from participants.chat_data import batches, encode_all, predicts_answer_mask
+from participants.lora_hooks import attached
+from protocols.pieces import Piece
+
+Q0 = "model.layers.0.self_attn.q_proj"
+O0 = "model.layers.0.self_attn.o_proj"
+Q1 = "model.layers.1.self_attn.q_proj"
+D = 64
+
+
+def make_piece(seed_desc, position, rng, key, gate=None, scale=0.3, rank=4):
+    return Piece(seed_desc.seed_id, seed_desc.content_hash, position, rank, 2.0 * rank,
+                 (rng.standard_normal((rank, D)) * scale).astype(np.float32),
+                 (rng.standard_normal((D, rank)) * scale).astype(np.float32),
+                 (rng.standard_normal(D) if gate is None else gate).astype(np.float32)).signed(key)
+
+
+@pytest.fixture
+def key():
+    return Ed25519PrivateKey.generate()
+
+
+def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
+    """Scores, top-k, softmax and separate A/B mixing, checked against a direct computation."""
+    rng = np.random.default_rng(0)
+    history = make_records("n", "ZAP", 4)
+    pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(4)]
+    settings = AssemblySettings(top_k=2, temperature=0.5, batch_size=8)
+    result = assemble(tiny_seed, history, pieces, settings)
+
+    # reference: layer 0 q_proj sees the normed embeddings, untouched by any other piece
+    batch = next(batches(encode_all(tiny_seed.tokenizer, history, 128), 8, tiny_seed.tokenizer.pad_token_id, "cpu"))
+    captured = {}
+    module = dict(tiny_seed.model.named_modules())[Q0]
+    h = module.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        tiny_seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    h.remove()
+    x = F.layer_norm(captured["x"], (D,))
+    mask = predicts_answer_mask(batch["labels"]).float()
+    scores = []
+    for p in pieces:
+        g = F.layer_norm(torch.from_numpy(p.gate), (D,))
+        s = (x @ g) / math.sqrt(D)
+        scores.append(float(((s * mask).sum(1) / mask.sum(1)).mean()))
+    top = np.argsort(scores)[::-1][:2]
+    w = np.exp(np.array(scores)[top] / 0.5)
+    w /= w.sum()
+    A = sum(wi * pieces[i].A for wi, i in zip(w, top))
+    B = sum(wi * pieces[i].B * pieces[i].scaling for wi, i in zip(w, top))
+    np.testing.assert_allclose(result.weights[Q0][0], A, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.weights[Q0][1], B, rtol=1e-4, atol=1e-6)
+    chosen = [pid for pid, _ in result.choices[0][Q0]]
+    assert chosen == [pieces[i].piece_id for i in top]
+
+
+def test_the_piece_whose_gate_matches_the_history_wins(tiny_seed, make_records, key):
+    rng = np.random.default_rng(1)
+    history = make_records("n", "ZAP", 6)
+    # the mean normalised activation at q_proj of layer 0 is what a well-trained gate points at
+    batch = next(batches(encode_all(tiny_seed.tokenizer, history, 128), 8, tiny_seed.tokenizer.pad_token_id, "cpu"))
+    captured = {}
+    module = dict(tiny_seed.model.named_modules())[Q0]
+    h = module.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        tiny_seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    h.remove()
+    mask = predicts_answer_mask(batch["labels"])
+    aligned = F.layer_norm(captured["x"], (D,))[mask].mean(0).numpy()
+    pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key, gate=-aligned)] + \
+             [make_piece(tiny_seed.descriptor, Q0, rng, key, gate=aligned)] + \
+             [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(3)]
+    result = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=1))
+    assert all(c[Q0][0][0] == pieces[1].piece_id for c in result.choices)
+    gates = [(p.piece_id, p.position, p.rank, p.gate) for p in pieces]
+    assert shortlist(tiny_seed, history, gates, AssemblySettings(top_k=1, shortlist=2))[0] == pieces[1].piece_id
+
+
+def test_later_positions_are_scored_on_earlier_choices(tiny_seed, make_records, key):
+    """Changing only the layer-0 candidates changes the layer-1 mix: assembly is sequential."""
+    rng = np.random.default_rng(2)
+    history = make_records("n", "ZAP", 4)
+    later = [make_piece(tiny_seed.descriptor, Q1, rng, key) for _ in range(2)]
+    small = [make_piece(tiny_seed.descriptor, O0, rng, key, scale=0.01) for _ in range(2)]
+    large = [make_piece(tiny_seed.descriptor, O0, rng, key, scale=3.0) for _ in range(2)]
+    settings = AssemblySettings(top_k=2)
+    a = assemble(tiny_seed, history, small + later, settings).weights[Q1][0]
+    b = assemble(tiny_seed, history, large + later, settings).weights[Q1][0]
+    assert not np.allclose(a, b, atol=1e-6)
+
+
+def test_assembly_averages_over_history_batches(tiny_seed, make_records, key):
+    rng = np.random.default_rng(3)
+    history = make_records("n", "ZAP", 6) + make_records("n", "completely different and much longer words", 6)
+    pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(5)]
+    result = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, batch_size=4))
+    assert len(result.choices) == 3 and result.tokens > 0
+
+
+def test_pieces_of_another_rank_are_left_out_and_an_empty_pool_is_an_error(tiny_seed, make_records, key):
+    rng = np.random.default_rng(4)
+    pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(3)] + \
+             [make_piece(tiny_seed.descriptor, Q0, rng, key, rank=2)]
+    result = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=5))
+    assert result.rank == 4 and len(result.choices[0][Q0]) == 3
+    with pytest.raises(ValueError, match="pool is empty"):
+        assemble(tiny_seed, make_records("n", "ZAP", 4), [], AssemblySettings())
+    rnd = random_assembly(pieces, AssemblySettings(top_k=2))
+    assert rnd.weights[Q0][0].shape == (4, D)
+
+
+def test_saved_adapter_is_a_peft_folder_with_the_same_outputs(tiny_seed, make_records, key, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(5)
+    pieces = [make_piece(tiny_seed.descriptor, pos, rng, key) for pos in (Q0, O0, Q1) for _ in range(2)]
+    result = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=2))
+    folder = save_peft_adapter(tmp_path / "adapter", result.weights, result.rank, result.alpha,
+                               tiny_seed.descriptor.path, extra={"choices": result.choices})
+    base = AutoModelForCausalLM.from_pretrained(tiny_seed.descriptor.path)
+    peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        with attached(tiny_seed.model, branches(result.weights, 1.0, "cpu")):
+            got = tiny_seed.model(input_ids=ids).logits
+        bare = tiny_seed.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(bare, expected, atol=1e-4)
+    weights, rank, alpha = load_peft_adapter(folder)
+    assert rank == 4 and alpha == 4.0 and sorted(weights) == sorted(result.weights)

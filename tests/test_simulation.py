@@ -1,0 +1,93 @@
+"""A real Flower simulation (Ray) on the tiny seed: the whole loop, with one broken participant."""
+
+import json
+
+import pytest
+
+from coordinator.config import RunSettings
+from coordinator.pool import PiecePool
+from protocols.records import PersonalRecord, save_records
+from simulation.cli import main as cli
+from simulation.datasets import load_users
+from simulation.federation import collect_adapters, prepare_devices, simulate_devices
+
+pytestmark = pytest.mark.integration
+STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim")
+    recs = [PersonalRecord(f"user{u}", f"tell me about item {i}", f"{s} item {i} is fine {s}")
+            for u, s in enumerate(STYLES) for i in range(12)]
+    save_records(recs, root / "data.jsonl")
+    users = load_users(str(root / "data.jsonl"), history_size=8, test_size=4)
+    run_dir = root / "run"
+    settings = RunSettings(seed="tiny-random", out_dir=str(run_dir), num_sharers=3, num_newcomers=2,
+                           lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
+                           sharer_selection="most-active", min_nodes=len(users))
+    mapping = prepare_devices(users, run_dir)
+    # one participant whose data is corrupt: it answers every message with an error
+    (run_dir / "devices" / "5" / "history.jsonl").write_text("{not json\n")
+    metrics = simulate_devices(run_dir, mapping, settings)
+    return run_dir, mapping, metrics
+
+
+def test_sharers_fill_the_pool_and_newcomers_get_adapters(run):
+    run_dir, mapping, metrics = run
+    assert len(metrics["sharers"]) == 3
+    assert all(m["pieces-shared"] == 8 and m["accepted"] == 8 for m in metrics["sharers"].values())
+    assert metrics["pool_pieces"] == 24 and metrics["refused"] == []
+    newcomers = metrics["newcomers"]
+    assert len(newcomers) == 2
+    for m in newcomers:
+        assert m["history-size"] == 8 and m["test-size"] == 4
+        assert m["seed-perplexity"] > 0 and m["assembled-perplexity"] > 0
+        assert 0 <= m["assembled-rouge1"] <= 1 and m["download-bytes"] > 0
+        meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
+        assert meta["user"] == m["user"] and len(meta["choices"]) >= 1
+
+
+def test_the_broken_participant_is_reported_and_left_out(run):
+    _, mapping, metrics = run
+    assert any("profile" in line and "error" in line for line in metrics["unanswered"])
+    assert mapping[5] not in metrics["sharers"]
+    assert mapping[5] not in [m["user"] for m in metrics["newcomers"]]
+
+
+def test_every_adapter_loads_with_peft(run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from protocols.seeds import materialize
+
+    run_dir, _, metrics = run
+    base = AutoModelForCausalLM.from_pretrained(materialize("tiny-random").path)
+    for m in metrics["newcomers"]:
+        model = PeftModel.from_pretrained(base, str(run_dir / "adapters" / m["user"]))
+        assert any("lora_A" in n for n, _ in model.named_parameters())
+        base = model.unload()
+
+
+def test_pool_verify_passes_then_catches_a_flipped_byte(run, capsys, tmp_path):
+    import shutil
+
+    run_dir, _, _ = run
+    assert cli(["pool", "verify", str(run_dir)]) == 0
+    assert "ok: 24 pieces from 3 contributors" in capsys.readouterr().out
+    copy = tmp_path / "pool"
+    shutil.copytree(run_dir / "pool", copy)
+    blob = sorted((copy / "blobs").rglob("*.safetensors"))[0]
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0x01
+    blob.write_bytes(bytes(data))
+    assert cli(["pool", "verify", str(copy)]) == 1
+    assert blob.stem[:12] in capsys.readouterr().out
+    with PiecePool(copy) as pool:
+        assert pool.count() == 24  # the rest stays
+
+
+def test_adapters_are_collected_once_per_newcomer(run):
+    run_dir, mapping, metrics = run
+    collect_adapters(run_dir, mapping)
+    assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == sorted(m["user"] for m in metrics["newcomers"])
