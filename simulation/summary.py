@@ -14,7 +14,10 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and pipes: wide enough that no column is cut
+            console = Console(width=160)
     sharers = Table(title="sharers")
     for col in ("user", "LoRA loss", "LoRA s", "gate s", "shared", "accepted"):
         sharers.add_column(col)
