@@ -121,13 +121,15 @@ def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
         replies = _send(grid, M.GATES, {n: RecordDict({M.CONFIG: cfg, M.GATE_ARRAYS: gate_arrays,
                                                        M.GATE_META: gate_meta}) for n in newcomers},
                         settings.timeout, report, "gates")
-        contents = {}
+        contents, gate_metrics = {}, {}
         for nid, rep in replies.items():
+            gate_metrics[nid] = dict(rep.content[M.METRICS])
             arrays, meta = M.pieces_to_records(pool.get(list(rep.content[M.SHORTLIST]["ids"])))
             contents[nid] = RecordDict({M.CONFIG: cfg, M.PIECES: arrays, M.PIECE_META: meta})
         replies = _send(grid, M.ASSEMBLE, contents, settings.timeout, report, "assemble")
         for nid, rep in sorted(replies.items()):
-            report.newcomers.append({"user": str(rep.content[M.INFO]["user"])} | dict(rep.content[M.METRICS]))
+            report.newcomers.append({"user": str(rep.content[M.INFO]["user"])} | gate_metrics[nid]
+                                    | dict(rep.content[M.METRICS]))
     report.seconds["assemble"] = time.perf_counter() - t2
     pool.close()
     (out / "metrics.json").write_text(json.dumps(asdict(report), indent=1))

@@ -198,12 +198,11 @@ def timed_shortlist(seed: LoadedSeed, records: list[PersonalRecord], gates: list
     return tokens / (time.perf_counter() - start)
 
 
-def _max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _cuda_peak_mib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def _memory(device: torch.device) -> dict[str, float | None]:
+    """The process's max RSS so far, and the CUDA peak since the last reset (None on CPU)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"max_rss_mib": rss, "cuda_peak_mib": cuda}
 
 
 def _reset_cuda_peak(device: torch.device) -> None:
@@ -221,7 +220,7 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
     """All parts on the same records; bouquet and bare sides alternate within each repeat."""
     records = benchmark_records()
     tok, dev = seed.tokenizer, seed.device
-    memory = {"load": {"max_rss_mib": _max_rss_mib(), "cuda_peak_mib": _cuda_peak_mib(dev)}}
+    memory = {"load": _memory(dev)}
 
     _reset_cuda_peak(dev)
     examples = encode_all(tok, records, settings.max_len)
@@ -233,7 +232,7 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
         ours.append(bouquet_training(seed, records, settings, step_tokens))
         bare.append(bare_training(seed, data, settings, step_tokens))
     training = _part(ours, bare)
-    memory["training"] = {"max_rss_mib": _max_rss_mib(), "cuda_peak_mib": _cuda_peak_mib(dev)}
+    memory["training"] = _memory(dev)
 
     _reset_cuda_peak(dev)
     asm = AssemblySettings(batch_size=settings.batch_size, max_len=settings.max_len)
@@ -247,7 +246,7 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
         assembled.append(timed_assemble(seed, records, pool, asm, hist_tokens))
         forward.append(plain_forward(seed, hist, hist_tokens))
         listed.append(timed_shortlist(seed, records, gates, asm, hist_tokens))
-    memory["gate_scoring"] = {"max_rss_mib": _max_rss_mib(), "cuda_peak_mib": _cuda_peak_mib(dev)}
+    memory["gate_scoring"] = _memory(dev)
 
     return {"seed": seed.descriptor.seed_id, "seed_hash": seed.descriptor.content_hash, "device": dev.type,
             "torch_threads": torch.get_num_threads(), "records": len(records), "history_batches": len(hist),
