@@ -43,6 +43,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--ray-address", default=None, help="join a running Ray cluster instead of starting one")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only write the virtual devices under OUT/devices (e.g. for `flwr run`), then stop")
     p.set_defaults(func=cmd_simulate)
 
 
@@ -66,6 +68,12 @@ def cmd_simulate(args) -> int:
     if (out / "metrics.json").exists() or (out / "pool").exists():
         print(f"error: {out} already holds a run; choose another --out or remove it", file=sys.stderr)
         return 2
+    if args.prepare_only:
+        from simulation.federation import prepare_devices
+
+        prepare_devices(users, out)
+        print(f"{len(users)} devices written to {out / 'devices'}")
+        return 0
     settings = RunSettings(seed=args.seed_model, out_dir=str(out), num_sharers=args.sharers,
                            num_newcomers=args.newcomers, sharer_selection=args.selection, lora_rank=args.rank,
                            lora_alpha=args.alpha, lora_steps=args.steps, lora_lr=args.lr,
