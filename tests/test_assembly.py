@@ -25,6 +25,18 @@ def make_piece(seed_desc, position, rng, key, gate=None, scale=0.3, rank=4):
                  (rng.standard_normal(D) if gate is None else gate).astype(np.float32)).signed(key)
 
 
+def layer0_q_inputs(seed, history):
+    """The inputs of layer 0's q_proj on the history batch, and the answer-predicting mask."""
+    batch = next(batches(encode_all(seed.tokenizer, history, 128), 8, seed.tokenizer.pad_token_id, "cpu"))
+    captured = {}
+    module = dict(seed.model.named_modules())[Q0]
+    handle = module.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    return captured["x"], predicts_answer_mask(batch["labels"])
+
+
 @pytest.fixture
 def key():
     return Ed25519PrivateKey.generate()
@@ -39,15 +51,8 @@ def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
     result = assemble(tiny_seed, history, pieces, settings)
 
     # reference: layer 0 q_proj sees the normed embeddings, untouched by any other piece
-    batch = next(batches(encode_all(tiny_seed.tokenizer, history, 128), 8, tiny_seed.tokenizer.pad_token_id, "cpu"))
-    captured = {}
-    module = dict(tiny_seed.model.named_modules())[Q0]
-    h = module.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].detach()))
-    with torch.no_grad():
-        tiny_seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    h.remove()
-    x = F.layer_norm(captured["x"], (D,))
-    mask = predicts_answer_mask(batch["labels"]).float()
+    x, mask = layer0_q_inputs(tiny_seed, history)
+    x, mask = F.layer_norm(x, (D,)), mask.float()
     scores = []
     for p in pieces:
         g = F.layer_norm(torch.from_numpy(p.gate), (D,))
@@ -68,15 +73,8 @@ def test_the_piece_whose_gate_matches_the_history_wins(tiny_seed, make_records, 
     rng = np.random.default_rng(1)
     history = make_records("n", "ZAP", 6)
     # the mean normalised activation at q_proj of layer 0 is what a well-trained gate points at
-    batch = next(batches(encode_all(tiny_seed.tokenizer, history, 128), 8, tiny_seed.tokenizer.pad_token_id, "cpu"))
-    captured = {}
-    module = dict(tiny_seed.model.named_modules())[Q0]
-    h = module.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0].detach()))
-    with torch.no_grad():
-        tiny_seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    h.remove()
-    mask = predicts_answer_mask(batch["labels"])
-    aligned = F.layer_norm(captured["x"], (D,))[mask].mean(0).numpy()
+    x, mask = layer0_q_inputs(tiny_seed, history)
+    aligned = F.layer_norm(x, (D,))[mask].mean(0).numpy()
     pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key, gate=-aligned)] + \
              [make_piece(tiny_seed.descriptor, Q0, rng, key, gate=aligned)] + \
              [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(3)]
