@@ -227,6 +227,7 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
     data = list(islice(endless_batches(examples, settings.batch_size, tok.pad_token_id, dev, settings.seed),
                        settings.steps))
     step_tokens = [_tokens(b) for b in data]
+    bare_training(seed, data[:2], settings, step_tokens[:2])  # warm-up, not counted: neither side runs cold
     ours, bare = [], []
     for _ in range(repeats):
         ours.append(bouquet_training(seed, records, settings, step_tokens))
