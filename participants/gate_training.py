@@ -7,15 +7,12 @@ for newcomers; they are never applied at inference.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
-from participants.chat_data import encode_all, endless_batches, next_token_loss
+from participants.chat_data import encode_all, endless_batches
 from participants.lora_hooks import LoraBranch, attached
-from participants.lora_training import LoraSettings, LoraWeights, TrainReport
-from participants.progress import progress
+from participants.lora_training import LoraSettings, LoraWeights, TrainReport, run_steps
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
 
@@ -30,18 +27,6 @@ def train_gates(seed: LoadedSeed, records: list[PersonalRecord], weights: LoraWe
     opt = torch.optim.AdamW(list(gates.values()), lr=lr, weight_decay=0.0)
     examples = encode_all(seed.tokenizer, records, settings.max_len)
     data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, dev, settings.seed + 1)
-    report = TrainReport()
-    start = time.perf_counter()
-    with attached(seed.model, branches), progress(steps, desc) as bar:
-        for _ in range(steps):
-            batch = next(data)
-            logits = seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = next_token_loss(logits, batch["labels"])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            report.losses.append(loss.item())
-            report.tokens += int(batch["attention_mask"].sum())
-            bar.update(loss=report.losses[-1])
-    report.seconds = time.perf_counter() - start
+    with attached(seed.model, branches):
+        report = run_steps(seed.model, data, steps, opt, list(gates.values()), desc)
     return {pos: g.detach().float().cpu().numpy() for pos, g in gates.items()}, report

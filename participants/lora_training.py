@@ -34,6 +34,8 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0  # tokens through forward and backward
+    step_ends: list[float] = field(default_factory=list)  # perf_counter() after each step (loss synced)
+    step_tokens: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -66,23 +68,8 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))
         examples = encode_all(seed.tokenizer, records, settings.max_len)
         data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device, settings.seed)
-        report = TrainReport()
         model.train()
-        start = time.perf_counter()
-        with progress(settings.steps, desc) as bar:
-            for _ in range(settings.steps):
-                batch = next(data)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = next_token_loss(logits, batch["labels"])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                report.losses.append(loss.item())
-                report.tokens += int(batch["attention_mask"].sum())
-                bar.update(loss=report.losses[-1])
-        report.seconds = time.perf_counter() - start
+        report = run_steps(model, data, settings.steps, opt, params, desc, sched=sched, clip=1.0)
         weights = {pos: (layer.lora_A["default"].weight.detach().float().cpu().numpy().copy(),
                          layer.lora_B["default"].weight.detach().float().cpu().numpy().copy())
                    for pos, layer in layers.items()}
@@ -91,6 +78,31 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         model.eval()
         model.unload()  # back to the bare seed, shared by everything in this process
         seed.model.requires_grad_(False)
+
+
+def run_steps(model, data, steps: int, opt, params, desc: str, sched=None, clip: float | None = None) -> TrainReport:
+    """The step loop both trainers share: answer-token loss, backward, optimizer, progress."""
+    report = TrainReport()
+    start = time.perf_counter()
+    with progress(steps, desc) as bar:
+        for _ in range(steps):
+            batch = next(data)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = next_token_loss(logits, batch["labels"])
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+            report.losses.append(loss.item())
+            report.step_ends.append(time.perf_counter())
+            report.step_tokens.append(int(batch["attention_mask"].sum()))
+            report.tokens += report.step_tokens[-1]
+            bar.update(loss=report.losses[-1])
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def _lora_layers(peft_model) -> dict:

@@ -20,10 +20,8 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -32,7 +30,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.table import Table
 
-from participants import lora_training
 from participants.assembly import AssemblySettings, assemble, shortlist
 from participants.chat_data import IGNORE, batches, encode_all, endless_batches
 from participants.lora_training import LoraSettings, train_private_lora
@@ -83,40 +80,13 @@ def _tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum())
 
 
-class _StampingBar:
-    """Wraps train_private_lora's progress bar; stamps the time after each step's update."""
-
-    def __init__(self, bar, stamps: list[float]):
-        self.bar, self.stamps = bar, stamps
-
-    def update(self, n: int = 1, **postfix) -> None:
-        self.bar.update(n, **postfix)
-        self.stamps.append(time.perf_counter())
-
-
-@contextmanager
-def _stamped_steps(stamps: list[float]):
-    """While open, train_private_lora records when each step ends (its loss.item() has synced)."""
-    real = lora_training.progress
-
-    @contextmanager
-    def stamping(total: int, desc: str):
-        with real(total, desc) as bar:
-            yield _StampingBar(bar, stamps)
-
-    with mock.patch.object(lora_training, "progress", stamping):
-        yield
-
-
 def bouquet_training(seed: LoadedSeed, records: list[PersonalRecord], settings: LoraSettings,
                      step_tokens: list[int]) -> float:
     """Tokens/s of train_private_lora over steps 2..N."""
-    stamps: list[float] = []
-    with _stamped_steps(stamps):
-        _, report = train_private_lora(seed, records, settings, desc="bouquet LoRA")
-    if report.tokens != sum(step_tokens) or len(stamps) != len(step_tokens):
+    _, report = train_private_lora(seed, records, settings, desc="bouquet LoRA")
+    if report.step_tokens != step_tokens:
         raise RuntimeError("train_private_lora saw other batches than the bare loop")
-    return sum(step_tokens[1:]) / (stamps[-1] - stamps[0])
+    return sum(step_tokens[1:]) / (report.step_ends[-1] - report.step_ends[0])
 
 
 def bare_training(seed: LoadedSeed, data: list[Batch], settings: LoraSettings, step_tokens: list[int]) -> float:
