@@ -42,9 +42,6 @@ class Device:
         path = self.root / "test.jsonl"
         return load_records(path) if path.exists() else []
 
-    def user(self) -> str:
-        return self.history()[0].user
-
     def key(self):
         return load_or_create_key(self.root / "key.pem")
 

@@ -30,7 +30,7 @@ def test_malformed_line_is_named_with_its_reason(tmp_path, line, reason):
     path = write(tmp_path / "bad.jsonl", [good, "", line])
     with pytest.raises(DataFormatError) as err:
         load_records(path)
-    assert f"bad.jsonl:3:" in str(err.value) and reason in str(err.value)
+    assert "bad.jsonl:3:" in str(err.value) and reason in str(err.value)
 
 
 def test_empty_and_missing_files_are_refused(tmp_path):
