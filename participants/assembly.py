@@ -182,12 +182,13 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, seed: int =
     for p in pieces:
         if p.rank == rank:
             grouped[p.position].append(p)
-    weights = {}
+    weights, choices = {}, {}
     for pos, ps in grouped.items():
         k = min(settings.top_k, len(ps))
         idx = rng.choice(len(ps), size=k, replace=False)
-        w = np.exp(rng.standard_normal(k) / settings.temperature)
+        w = np.exp(rng.standard_normal(k) / settings.temperature).astype(np.float32)
         w /= w.sum()
         weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
-                        sum(wi * ps[i].B.astype(np.float32) * ps[i].scaling for wi, i in zip(w, idx)))
-    return Assembly(weights=weights, rank=rank)
+                        sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling) for wi, i in zip(w, idx)))
+        choices[pos] = [(ps[i].piece_id, float(wi)) for i, wi in zip(idx, w)]
+    return Assembly(weights=weights, rank=rank, choices=[choices])

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from protocols.seeds import DEFAULT_SEED, EMBEDDED_PREFIX, TINY
+from simulation.bench_settings import PRESETS, SWEEPS, BenchSettings
 
 
 def _add_simulate(sub) -> None:
@@ -91,6 +92,68 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    d = BenchSettings()
+    p = sub.add_parser("bench", help="compare Per-Pcs with its baselines (seed, OPPU, retrieval, random pieces, "
+                                     "Per-Pcs + fine-tune) on held-out data, in one process")
+    p.add_argument("--out", default="runs/bench", help="run directory; rerun with the same settings to resume "
+                                                         "(default %(default)s)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="defaults sized for 2 CPU cores and SmolLM2 (under 30 min); explicit flags override them")
+
+    def opt(flag: str, type_, text: str, default=None) -> None:
+        shown = getattr(d, flag[2:].replace("-", "_")) if default is None else default
+        p.add_argument(flag, type=type_, default=None, help=f"{text} (default {shown}, or the preset's)")
+
+    opt("--data", str, "'healthtweets', 'styleqa' (or a styleqa folder), or a personal-data JSONL file")
+    opt("--seed-model", str, f"seed: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id")
+    opt("--sharers", int, "users who train, cut and share pieces")
+    opt("--targets", int, "users who get every method and are evaluated (disjoint from the sharers)")
+    opt("--history", int, "history items per user")
+    opt("--test", int, "held-out items per user")
+    opt("--steps", int, "private LoRA steps (sharers and oppu)")
+    opt("--gate-steps", int, "gate training steps per sharer")
+    opt("--ft-steps", int, "fine-tune steps of perpcs+ft", default="steps // 4")
+    opt("--rank", int, "LoRA rank")
+    opt("--alpha", float, "LoRA alpha")
+    opt("--lr", float, "LoRA learning rate")
+    opt("--gate-lr", float, "gate learning rate")
+    opt("--batch-size", int, "training batch size")
+    opt("--max-len", int, "tokens per sequence")
+    opt("--rho", float, "share ratio: fraction of its pieces a sharer shares")
+    opt("--top-k", int, "pieces mixed per position")
+    opt("--temperature", float, "softmax temperature of the mix")
+    opt("--shortlist", int, "pieces per position a target downloads after scoring gates")
+    opt("--max-new-tokens", int, "greedy generation length")
+    opt("--random-seed", int, "seed of the user split, the shares and the training")
+    p.add_argument("--sweep", default=None, help=f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity "
+                                                 f"as each changes (default none)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from dataclasses import fields
+
+    from simulation.bench import run_bench
+    from simulation.bench_report import markdown_table
+    from simulation.bench_settings import resolve_settings
+
+    flags = {f.name: getattr(args, f.name) for f in fields(BenchSettings) if f.name != "sweep"}
+    if args.sweep is not None:
+        flags["sweep"] = tuple(name.strip() for name in args.sweep.split(",") if name.strip())
+    settings = resolve_settings(args.preset, **flags)
+    model = settings.seed_model
+    if model.startswith(EMBEDDED_PREFIX) or model == TINY or Path(model).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
+    report = run_bench(settings, args.out)
+    print(markdown_table(report))
+    for t in report["targets"]:
+        print(f"{'not measured' if t['met'] is None else 'met' if t['met'] else 'not met'}: {t['target']} "
+              f"({t['evidence']})")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _add_pool(sub) -> None:
     p = sub.add_parser("pool", help="inspect a piece pool")
     psub = p.add_subparsers(dest="pool_command", required=True)
@@ -126,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bouquet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
+    _add_bench(sub)
     _add_pool(sub)
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,7 @@ test items, so it cannot have memorised the answers it is meant to recognise.
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
