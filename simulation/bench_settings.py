@@ -18,8 +18,8 @@ SWEEPS = ("rho", "topk", "sharers", "history")
 # takes about 1.5 s there, a forward pass about 0.5 s, greedy generation about 15 tokens/s batched 8.
 PRESETS: dict[str, dict[str, dict]] = {
     "small": {
-        "styleqa": {"sharers": 9, "targets": 9, "history": 16, "test": 8, "steps": 20, "gate_steps": 10,
-                    "max_len": 160, "max_new_tokens": 48},
+        "styleqa": {"sharers": 9, "targets": 4, "history": 16, "test": 6, "steps": 20, "gate_steps": 10,
+                    "max_len": 128, "max_new_tokens": 40},
         "other": {"sharers": 6, "targets": 4, "history": 16, "test": 12, "steps": 30, "gate_steps": 20,
                   "max_len": 96, "max_new_tokens": 32},
     },
