@@ -1,0 +1,84 @@
+"""On-device seed selection (XPerT): explain the participant's own style in attribute words, pick the nearest seed.
+
+The device compares its own answers with what the base model says to the same inputs, writes the difference
+in the catalog's attribute words, and takes the seed whose explanation is nearest in L1. Only the explanations
+of the seeds are needed, never their weights, so choosing among many seeds costs no more than among a few;
+and the user's texts never leave `own_style`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from participants.evaluation import generate
+from participants.profile import embed_texts
+from participants.progress import progress
+from participants.seed_loading import LoadedSeed
+from protocols import explanations
+from protocols.explanations import AttributeBasis, Explanation, decompose, describe, l1_distance
+from protocols.records import PersonalRecord
+
+STYLE_INSTRUCTION = "Answer in a {word} style."
+
+
+@dataclass
+class Selection:
+    seed_id: str | None  # None: no seed is near enough, keep the base
+    distance: float  # L1 distance to the nearest seed (inf for an empty catalog)
+    distances: dict[str, float]
+    reason: str
+
+
+def difference_direction(own_texts: list[str], reference_texts: list[str]) -> np.ndarray:
+    """Mean MiniLM embedding of own texts minus that of the reference texts (paired by input)."""
+    return explanations.difference_direction(own_texts, reference_texts, embed_texts)
+
+
+def attribute_basis(seed: LoadedSeed, probes: list[str], words: Sequence[str] = explanations.STYLE_WORDS,
+                    max_new_tokens: int = 48, batch_size: int = 8) -> AttributeBasis:
+    """Per word w: the difference between the model's answers to "Answer in a w style." + probe and its plain
+    answers, the same difference that explains a seed, so that seeds and users are written in one basis."""
+    prompts = [f"{STYLE_INSTRUCTION.format(word=w)}\n\n{p}" for w in words for p in probes] + list(probes)
+    records = [PersonalRecord(user="probe", input=prompt, output="") for prompt in prompts]
+    answers: list[str] = []
+    with progress(len(records), "attribute basis: generating") as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            answers.extend(generate(seed, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size))
+            bar.update(len(chunk))
+    plain = answers[len(words) * len(probes):]
+    vectors = [difference_direction(answers[i * len(probes):(i + 1) * len(probes)], plain) for i in range(len(words))]
+    return AttributeBasis(tuple(words), np.stack(vectors))
+
+
+def own_style(seed: LoadedSeed, records: list[PersonalRecord], basis: AttributeBasis,
+              max_new_tokens: int = 48) -> Explanation:
+    """The participant's style: its own answers against the base model's answers to the same inputs.
+
+    Own answers are cut to the same `max_new_tokens` tokens that the base answers (and the seeds' probe
+    answers) get, so that a difference in length cut-off does not pass for a difference in style.
+    """
+    base_answers = generate(seed, records, max_new_tokens=max_new_tokens)
+    tok = seed.tokenizer
+    own = [tok.decode(tok(r.output, add_special_tokens=False)["input_ids"][:max_new_tokens]).strip() for r in records]
+    return decompose(difference_direction(own, base_answers), basis)
+
+
+def select_seed(own: Explanation, catalog: dict[str, Explanation], words: Sequence[str],
+                max_distance: float = math.inf) -> Selection:
+    """The seed whose explanation is nearest to `own` in L1 over `words` (ties: the smaller id), or none
+    when even the nearest is farther than `max_distance`; the reason says both in words."""
+    distances = {seed_id: l1_distance(own, expl, words) for seed_id, expl in catalog.items()}
+    reads = f"your data reads as: {describe(own)}"
+    if not distances:
+        return Selection(None, math.inf, {}, f"{reads}; the catalog is empty, falling back to the base")
+    nearest = min(distances, key=lambda s: (distances[s], s))
+    gap = distances[nearest]
+    if gap > max_distance:
+        return Selection(None, gap, distances, f"{reads}; no seed is near (nearest: {nearest}, L1 {gap:.2f} > "
+                                              f"{max_distance:.2f}); falling back to the base")
+    return Selection(nearest, gap, distances, f"{reads}; nearest seed: {nearest} (L1 {gap:.2f})")
