@@ -178,7 +178,7 @@ def find_styleqa() -> Path:
     raise FileNotFoundError(f"no {STYLEQA_DIR} above {' or '.join(map(str, starts))}: pass the folder's path")
 
 
-def _styleqa_rows(folder: Path, style: int, split: str) -> list[PersonalRecord]:
+def styleqa_rows(folder: Path, style: int, split: str) -> list[PersonalRecord]:
     path = folder / f"{style}_{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a styleqa folder holds N_train.jsonl and N_test.jsonl, N = 0..8")
@@ -194,7 +194,7 @@ def _styleqa_users(folder: Path, history_size: int, test_size: int, seed: int, p
     """Users f"style{s}-u{j}": disjoint slices of style s's rows, the same row indices in every style."""
     if per_style < 1:
         raise ValueError(f"styleqa_users_per_style must be at least 1, got {per_style}")
-    styles = {s: (_styleqa_rows(folder, s, "train"), _styleqa_rows(folder, s, "test")) for s in STYLEQA_STYLES}
+    styles = {s: (styleqa_rows(folder, s, "train"), styleqa_rows(folder, s, "test")) for s in STYLEQA_STYLES}
     n_train = min(len(train) for train, _ in styles.values())
     n_test = min(len(test) for _, test in styles.values())
     if per_style * history_size > n_train or per_style * test_size > n_test:

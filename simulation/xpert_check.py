@@ -28,7 +28,7 @@ from participants.seed_loading import load_seed
 from participants.style_direction import attribute_basis, difference_direction, select_seed
 from protocols.explanations import STYLE_WORDS, AttributeBasis, Explanation, decompose, describe
 from protocols.seeds import DEFAULT_SEED
-from simulation.datasets import _styleqa_rows, find_styleqa, load_users
+from simulation.datasets import styleqa_rows, find_styleqa, load_users
 
 STYLES = range(1, 9)
 
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     users = [u for u in load_users("styleqa", history_size=args.history, test_size=1, seed=args.seed,
                                    styleqa_users_per_style=args.users_per_style) if not u.user.startswith("style0-")]
     folder = find_styleqa()
-    unstylized = {r.input: r.output for split in ("train", "test") for r in _styleqa_rows(folder, 0, split)}
-    seeds = {s: _styleqa_rows(folder, s, "train") for s in STYLES}
+    unstylized = {r.input: r.output for split in ("train", "test") for r in styleqa_rows(folder, 0, split)}
+    seeds = {s: styleqa_rows(folder, s, "train") for s in STYLES}
     used = {r.input for u in users for r in u.history}
     probe_rows = [i for i, r in enumerate(seeds[1]) if r.input not in used][: args.probes]
     probes = [seeds[1][i].input for i in probe_rows]
