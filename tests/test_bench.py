@@ -110,7 +110,7 @@ def test_styleqa_split_gives_every_target_a_sharer_of_its_style():
 def test_presets_fill_in_and_flags_override():
     s = resolve_settings("small", data="healthtweets", steps=4)
     assert (s.sharers, s.targets, s.steps, s.ft_steps, s.max_len) == (6, 4, 4, 1, 96)
-    assert resolve_settings("small", data="styleqa").max_len == 160
+    assert resolve_settings("small", data="styleqa").max_len == 128
     for bad, message in [({"top_k": 4, "shortlist": 2}, "shortlist"), ({"sweep": ("depth",)}, "unknown sweep"),
                          ({"rho": 0.0}, "rho"), ({"targets": 0}, "targets")]:
         with pytest.raises(ValueError, match=message):
