@@ -33,6 +33,10 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content[M.CONFIG] if M.CONFIG in msg.content else ConfigRecord()
 
 
+def _seed(cfg: ConfigRecord):
+    return load_seed(str(cfg.get("seed", DEFAULT_SEED)))
+
+
 def _reply(msg: Message, **records) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
@@ -55,7 +59,7 @@ def share(msg: Message, context: Context) -> Message:
     cfg = _config(msg)
     device = Device.from_node_config(context.node_config)
     history = device.history()
-    seed = load_seed(str(cfg.get("seed", DEFAULT_SEED)))
+    seed = _seed(cfg)
     settings = lora_settings(cfg)
     user = history[0].user
     weights, lora_report = train_private_lora(seed, history, settings, desc=f"{user}: private LoRA")
@@ -80,7 +84,7 @@ def gates(msg: Message, context: Context) -> Message:
     """Phase 1 of assembly: score the pool's gates on the own history, ask for the best pieces."""
     cfg = _config(msg)
     device = Device.from_node_config(context.node_config)
-    seed = load_seed(str(cfg.get("seed", DEFAULT_SEED)))
+    seed = _seed(cfg)
     entries = M.gates_from_records(msg.content[M.GATE_ARRAYS], msg.content[M.GATE_META])
     start = time.perf_counter()
     ids = shortlist(seed, device.history(), entries, assembly_settings(cfg)) if entries else []
@@ -94,7 +98,7 @@ def assemble_adapter(msg: Message, context: Context) -> Message:
     """Phase 2: assemble from the shortlisted pieces, keep the adapter, report held-out metrics."""
     cfg = _config(msg)
     device = Device.from_node_config(context.node_config)
-    seed = load_seed(str(cfg.get("seed", DEFAULT_SEED)))
+    seed = _seed(cfg)
     pieces = M.pieces_from_records(msg.content[M.PIECES], msg.content[M.PIECE_META])
     bad = [p.position for p in pieces if not p.signature_ok() or p.seed_hash != seed.descriptor.content_hash]
     if bad:
