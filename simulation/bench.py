@@ -344,6 +344,13 @@ class Results:
         self.done.add(self.key(row))
 
 
+def token_clip(tokenizer, max_tokens: int):
+    """Cut a text to its first `max_tokens` tokens, the budget the generations get."""
+    def clip(text: str) -> str:
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]).strip()
+    return clip
+
+
 def _hardware(seed: LoadedSeed) -> str:
     import torch
 
@@ -367,7 +374,9 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
     b = Bench(seed, s, out, [u.user for u in sharers], pool_pieces,
               {u.user: device_pieces(out, u.user) for u in sharers},
               {u.user: _profile(u.history) for u in sharers})
-    judge = FidelityJudge(sharers + targets)
+    clip = token_clip(seed.tokenizer, s.max_new_tokens)
+    judge = FidelityJudge(sharers + targets, clip=clip)
+    ceiling = float(np.mean([judge.fidelity(t.user, [clip(r.output) for r in t.test]) for t in targets]))
     results = Results(out / "results.jsonl")
     with progress(len(targets) * len(METHODS), "bench") as bar:
         for index, target in enumerate(targets):
@@ -383,4 +392,5 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
             if ("sweep", name, value) not in results.done:
                 results.append(sweep_point(b, name, value, targets))
             bar.update(sweep=name, value=value)
-    return write_report(out, s, desc.seed_id, _hardware(seed), stats, [t.user for t in targets], results.rows)
+    return write_report(out, s, desc.seed_id, _hardware(seed), stats, [t.user for t in targets], results.rows,
+                        fidelity_ceiling=ceiling)

@@ -149,7 +149,11 @@ def _markdown(report: dict) -> str:
                    f"{np.mean([v['train_tokens'] for v in sharers]):,.0f} tokens (LoRA and gates, forward and "
                    f"backward).")
     parts = ["# bouquet bench", "", f"data `{s['data']}` · seed `{report['seed']}` · {report['hardware']}  ", run, "",
-             markdown_table(report), "", NOTES, "", sharer_cost, "", "## targets", ""]
+             markdown_table(report), "", NOTES, ""]
+    if report.get("fidelity_ceiling") is not None:
+        parts += [f"Fidelity ceiling: the judge names the right label for {report['fidelity_ceiling']:.2f} of the "
+                  f"targets' own held-out answers (clipped to {s['max_new_tokens']} tokens, as generations are).", ""]
+    parts += [sharer_cost, "", "## targets", ""]
     for t in report["targets"]:
         mark = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
         parts.append(f"- {mark}: {t['target']} ({t['evidence']})")
@@ -218,13 +222,19 @@ def _save(fig, path: Path) -> str:
 
 
 def write_report(out: Path, s: BenchSettings, seed: str, hardware: str, sharers: dict[str, dict],
-                 targets: list[str], rows: list[dict]) -> dict:
-    """Write report.json, report.md and the plots into `out`; return the report."""
+                 targets: list[str], rows: list[dict], fidelity_ceiling: float | None = None) -> dict:
+    """Write report.json, report.md and the plots into `out`; return the report.
+
+    `fidelity_ceiling` is the judge's score on the targets' own held-out answers (clipped to the generation
+    budget): what a method that wrote exactly like the target would get, so fidelity figures can be read
+    against it rather than against 1.
+    """
     means = method_means(rows)
     recovery, ratios = gain_recovery(means), cost_ratios(means)
     report = {"settings": s.to_json(), "seed": seed, "hardware": hardware, "sharers": sharers,
               "targets_users": targets, "means": means, "gain_recovery": recovery, "cost_ratios": ratios,
-              "targets": check_targets(means, recovery, ratios), "sweeps": sweep_table(rows), "rows": rows}
+              "targets": check_targets(means, recovery, ratios), "sweeps": sweep_table(rows), "rows": rows,
+              "fidelity_ceiling": fidelity_ceiling}
     report["plots"] = _plots(out, report, rows)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(_markdown(report))

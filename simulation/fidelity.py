@@ -4,6 +4,10 @@ A logistic-regression classifier over MiniLM embeddings of history answers tells
 classes) apart; a target's fidelity is the fraction of its generations that the classifier assigns
 to the target's label. The classifier is trained on history items only, never on anyone's held-out
 test items, so it cannot have memorised the answers it is meant to recognise.
+
+Generations are short (a token budget) while history answers can be long, and a short text reads as
+"concise" whatever its style; so the judge can clip the history answers to the same budget before it
+learns from them (`clip`), comparing like with like.
 """
 
 from __future__ import annotations
@@ -51,12 +55,14 @@ def training_set(users: Sequence[UserData], target: str,
 class FidelityJudge:
     """One classifier per target (cached), over embeddings of every user's history computed once."""
 
-    def __init__(self, users: Sequence[UserData], label_of: Callable[[str], str] = style_label):
+    def __init__(self, users: Sequence[UserData], label_of: Callable[[str], str] = style_label,
+                 clip: Callable[[str], str] | None = None):
         from participants.profile import embed_texts
 
         self.users, self.label_of, self._embed = list(users), label_of, embed_texts
+        self._clip = clip or (lambda text: text)
         texts = sorted({r.output for u in self.users for r in u.history})
-        self._vectors = dict(zip(texts, self._embed(texts)))
+        self._vectors = dict(zip(texts, self._embed([self._clip(t) for t in texts])))
         self._classifiers: dict[str, object] = {}
 
     def _classifier(self, target: str):
@@ -65,7 +71,7 @@ class FidelityJudge:
         if target not in self._classifiers:
             texts, labels = training_set(self.users, target, self.label_of)
             X = np.stack([self._vectors[t] for t in texts])
-            self._classifiers[target] = LogisticRegression(max_iter=2000).fit(X, labels)
+            self._classifiers[target] = LogisticRegression(max_iter=2000, class_weight="balanced").fit(X, labels)
         return self._classifiers[target]
 
     def fidelity(self, target: str, generations: Sequence[str]) -> float:
