@@ -337,6 +337,19 @@ class Results:
         return (row["kind"], row["target"], row["method"]) if row["kind"] == "method" else \
             (row["kind"], row["sweep"], row["value"])
 
+    def rejudge(self, judge: FidelityJudge) -> None:
+        """Score the stored generations again where the judge has changed since they were scored: fidelity
+        is a function of the generations, so a better judge needs no model rerun."""
+        stale = [r for r in self.rows if r["kind"] == "method" and r.get("judge") != judge.version]
+        if not stale:
+            return
+        for r in stale:
+            r["fidelity"], r["judge"] = judge.fidelity(r["target"], r["generations"]), judge.version
+        log.info("re-scored the fidelity of %d stored results with judge %s", len(stale), judge.version)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.replace(self.path)
+
     def append(self, row: dict) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -378,13 +391,14 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
     judge = FidelityJudge(sharers + targets, clip=clip)
     ceiling = float(np.mean([judge.fidelity(t.user, [clip(r.output) for r in t.test]) for t in targets]))
     results = Results(out / "results.jsonl")
+    results.rejudge(judge)
     with progress(len(targets) * len(METHODS), "bench") as bar:
         for index, target in enumerate(targets):
             for method in METHODS:
                 if ("method", target.user, method) not in results.done:
                     outcome = RUNNERS[method](b, target, index)
                     results.append({"kind": "method", "target": target.user, "method": method} | outcome.costs()
-                                   | quality(b, target, outcome.adapter, judge) | {"detail": outcome.detail})
+                                   | quality(b, target, outcome.adapter, judge) | {"detail": outcome.detail, "judge": judge.version})
                 bar.update(target=target.user, method=method)
     points = [(name, v) for name in s.sweep for v in sweep_values(name, s)]
     with progress(len(points), "sweeps") as bar:

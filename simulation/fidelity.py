@@ -53,7 +53,12 @@ def training_set(users: Sequence[UserData], target: str,
 
 
 class FidelityJudge:
-    """One classifier per target (cached), over embeddings of every user's history computed once."""
+    """One classifier per target (cached), over embeddings of every user's history computed once.
+
+    `version` names how it judges; stored results scored by another version are re-scored.
+    """
+
+    version = "minilm-logreg-balanced-clipped"
 
     def __init__(self, users: Sequence[UserData], label_of: Callable[[str], str] = style_label,
                  clip: Callable[[str], str] | None = None):

@@ -82,6 +82,17 @@ def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
         run_bench(replace(settings, steps=5), out)
 
 
+def test_a_changed_judge_rescores_the_stored_generations_without_rerunning(bench):
+    out, settings, _ = bench
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    stale = [r | {"fidelity": -1.0, "judge": "old"} if r["kind"] == "method" else r for r in rows]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    run_bench(settings, out)
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r.get("fidelity") for r in again] == [r.get("fidelity") for r in rows]
+    assert all(r["judge"] != "old" for r in again if r["kind"] == "method")
+
+
 def test_fidelity_classifier_never_sees_held_out_items():
     def user(name, n=3):
         return UserData(name, [PersonalRecord(name, "q", f"{name} history {i}") for i in range(n)],
