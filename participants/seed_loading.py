@@ -56,3 +56,20 @@ def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) ->
             model.requires_grad_(False)
             _cache[key] = LoadedSeed(desc, model, tok, device)
         return _cache[key]
+
+
+def is_loaded(source: str = DEFAULT_SEED, device: torch.device | None = None) -> bool:
+    """Whether this process already holds the seed, so a caller knows not to forget what it did not load."""
+    device = device or pick_device()
+    with _lock:
+        return (source, str(device)) in _cache
+
+
+def forget_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) -> bool:
+    """Drop a seed from the process cache, so that trying a whole catalog never keeps it all in memory.
+
+    The memory goes once no caller holds the LoadedSeed any more. True if the seed was cached.
+    """
+    device = device or pick_device()
+    with _lock:
+        return _cache.pop((source, str(device)), None) is not None
