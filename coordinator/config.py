@@ -14,6 +14,8 @@ from protocols.seeds import DEFAULT_SEED
 @dataclass
 class RunSettings:
     seed: str = DEFAULT_SEED
+    catalog: str = ""  # a seed catalog folder: every participant first picks its seed from it ("" = none)
+    max_seed_distance: float = 0.0  # L1 beyond which a participant keeps the base (0 = always the nearest)
     out_dir: str = "bouquet-run"
     num_sharers: int = 4
     num_newcomers: int = 2
@@ -48,6 +50,8 @@ class RunSettings:
             problems.append("num-newcomers and gate-steps cannot be negative")
         if self.temperature <= 0:
             problems.append(f"temperature must be positive, got {self.temperature}")
+        if self.max_seed_distance < 0:
+            problems.append(f"max-seed-distance cannot be negative, got {self.max_seed_distance}")
         if self.shortlist < self.top_k:
             problems.append(f"shortlist ({self.shortlist}) must be at least top-k ({self.top_k})")
         if problems:
@@ -70,5 +74,5 @@ class RunSettings:
         """The subset sent to participants in every message's config record."""
         keys = ("seed", "lora_rank", "lora_alpha", "lora_steps", "lora_lr", "gate_steps", "gate_lr", "batch_size",
                 "max_len", "share_ratio", "top_k", "temperature", "shortlist", "max_new_tokens", "generate",
-                "profile_noise", "seed_number")
+                "profile_noise", "seed_number", "max_seed_distance")
         return {k.replace("_", "-"): v for k, v in asdict(self).items() if k in keys}

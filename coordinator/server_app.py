@@ -1,7 +1,10 @@
-"""The Flower ServerApp: one bouquet round, from profiles to assembled adapters.
+"""The Flower ServerApp: one bouquet round, from seed choice to assembled adapters.
 
-    profiles  -> choose sharers  -> sharers train, cut, sign, share  -> pool validates and stores
-    newcomers: gates of the pool -> their shortlist -> those pieces  -> assembled adapter + metrics
+    (with a catalog) every participant picks its seed on its own device, from the seeds' explanations
+    profiles  -> choose sharers  -> sharers train on their seed, cut, sign, share -> that seed's pool
+    newcomers: gates of their seed's pool -> their shortlist -> those pieces -> assembled adapter + metrics
+
+Pieces fit only the seed they were trained on, so the pool is kept per seed (its seed id and hash).
 
 Every exchange has a timeout; a node that does not answer, or answers with an error, is left
 out of what follows and reported. Nothing but pieces, piece ids, profiles and metrics comes back.
@@ -25,6 +28,7 @@ from coordinator.pool import PiecePool
 from coordinator.sharers import Profile, select_sharers
 from coordinator.validation import RegisteredSeed, seed_shapes
 from protocols import messages as M
+from protocols.catalog import load_catalog
 from protocols.seeds import materialize
 
 log = logging.getLogger("bouquet")
@@ -37,6 +41,8 @@ class RoundReport:
     refused: list[str] = field(default_factory=list)  # reasons the pool gave
     unanswered: list[str] = field(default_factory=list)  # "<step>: node <id>: <why>"
     pool_pieces: int = 0
+    selections: dict[str, dict] = field(default_factory=dict)  # user -> chosen seed, distance, reason
+    pool_by_seed: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -69,20 +75,56 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def _register(pool: PiecePool, source: str) -> str:
+    seed = materialize(source)
+    pool.register_seed(RegisteredSeed(seed.seed_id, seed.content_hash, seed_shapes(seed.path)))
+    return seed.seed_id
+
+
+def choose_seeds(grid: Grid, nodes: list[int], settings: RunSettings, report: RoundReport,
+                 pool: PiecePool) -> dict[int, str]:
+    """Send the catalog (explanations only, no weights) to every node; each answers with the seed it picked on
+    its own data. Returns node -> seed source; a node that does not answer keeps the base."""
+    catalog = load_catalog(settings.catalog)
+    base = materialize(settings.seed)
+    if catalog.base_hash != base.content_hash:
+        raise ValueError(f"the catalog at {settings.catalog} is built on {catalog.base!r}, not on this run's seed "
+                         f"{settings.seed!r}; run with --seed {catalog.base}")
+    content = RecordDict({M.CONFIG: ConfigRecord(settings.participant_config()),
+                          M.CATALOG: ConfigRecord({"json": json.dumps(catalog.to_dict())})})
+    replies = _send(grid, M.STYLE, {n: content for n in nodes}, settings.timeout, report, "style")
+    chosen = {n: settings.seed for n in nodes}
+    for nid, rep in replies.items():
+        sel = rep.content[M.SELECTION]
+        name = str(sel["seed"])
+        if name:
+            chosen[nid] = _register(pool, catalog.seed_source(name))
+        report.selections[str(sel["user"])] = {"seed": name or "base", "distance": float(sel["distance"]),
+                                               "reason": str(sel["reason"])} | dict(rep.content[M.METRICS])
+    return chosen
+
+
 def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
     report = RoundReport()
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ConfigRecord(settings.participant_config())
     t0 = time.perf_counter()
 
-    seed = materialize(settings.seed)
     pool = PiecePool(out / "pool")
-    pool.register_seed(RegisteredSeed(seed.seed_id, seed.content_hash, seed_shapes(seed.path)))
+    base_id = _register(pool, settings.seed)
 
     wanted = settings.min_nodes or settings.num_sharers + settings.num_newcomers
     nodes = wait_for_nodes(grid, wanted, settings.timeout)
     log.info("%d nodes connected", len(nodes))
+
+    # 0. with a catalog, every participant picks its seed first; pieces then go to that seed's pool
+    node_seed = choose_seeds(grid, nodes, settings, report, pool) if settings.catalog else {n: base_id for n in nodes}
+    report.seconds["seed-choice"] = time.perf_counter() - t0
+
+    def cfg_for(node: int) -> ConfigRecord:
+        return ConfigRecord(settings.participant_config() | {"seed": node_seed.get(node, base_id)})
+
+    cfg = ConfigRecord(settings.participant_config())
 
     # 1. profiles, and the choice of sharers
     replies = _send(grid, M.PROFILE, {n: RecordDict({M.CONFIG: cfg}) for n in nodes}, settings.timeout,
@@ -98,8 +140,8 @@ def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
 
     # 2. sharers train and share; the pool validates every piece
     t1 = time.perf_counter()
-    replies = _send(grid, M.SHARE, {n: RecordDict({M.CONFIG: cfg}) for n in sharers}, settings.timeout, report,
-                    "share")
+    replies = _send(grid, M.SHARE, {n: RecordDict({M.CONFIG: cfg_for(n)}) for n in sharers}, settings.timeout,
+                    report, "share")
     for nid, rep in replies.items():
         user = str(rep.content[M.INFO]["user"])
         try:
@@ -110,22 +152,31 @@ def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
         accepted, refused = pool.add_many(pieces)
         report.refused.extend(f"{user}: {r}" for r in refused)
         report.sharers[user] = dict(rep.content[M.METRICS]) | {"accepted": len(accepted), "refused": len(refused)}
-    report.pool_pieces = pool.count(seed.seed_id)
+    report.pool_by_seed = {s.seed_id: pool.count(s.seed_id) for s in pool.seeds()}
+    report.pool_pieces = sum(report.pool_by_seed.values())
     report.seconds["share"] = time.perf_counter() - t1
-    log.info("pool holds %d pieces for %s (%d refused)", report.pool_pieces, seed.seed_id, len(report.refused))
+    log.info("pool holds %s pieces per seed (%d refused)", report.pool_by_seed, len(report.refused))
 
-    # 3. newcomers: gates first, then only the pieces they asked for
+    # 3. newcomers: gates of their seed's pool first, then only the pieces they asked for. A newcomer whose
+    # seed has no pieces yet falls back to the base and its pool (pieces fit only their own seed).
     t2 = time.perf_counter()
-    if newcomers and report.pool_pieces:
-        gate_arrays, gate_meta = M.gates_to_records(pool.gates(seed.seed_id))
-        replies = _send(grid, M.GATES, {n: RecordDict({M.CONFIG: cfg, M.GATE_ARRAYS: gate_arrays,
-                                                       M.GATE_META: gate_meta}) for n in newcomers},
-                        settings.timeout, report, "gates")
+    for n in newcomers:
+        if node_seed.get(n, base_id) != base_id and not report.pool_by_seed.get(node_seed[n]):
+            log.warning("node %s: no pieces for its seed %s yet; it assembles on the base", n, node_seed[n])
+            node_seed[n] = base_id
+    newcomers = [n for n in newcomers if report.pool_by_seed.get(node_seed.get(n, base_id))]
+    if newcomers:
+        gate_records = {sid: M.gates_to_records(pool.gates(sid)) for sid in {node_seed.get(n, base_id)
+                                                                              for n in newcomers}}
+        replies = _send(grid, M.GATES, {n: RecordDict({M.CONFIG: cfg_for(n),
+                                                       M.GATE_ARRAYS: gate_records[node_seed.get(n, base_id)][0],
+                                                       M.GATE_META: gate_records[node_seed.get(n, base_id)][1]})
+                                        for n in newcomers}, settings.timeout, report, "gates")
         contents, gate_metrics = {}, {}
         for nid, rep in replies.items():
-            gate_metrics[nid] = dict(rep.content[M.METRICS])
+            gate_metrics[nid] = dict(rep.content[M.METRICS]) | {"seed": node_seed.get(nid, base_id)}
             arrays, meta = M.pieces_to_records(pool.get(list(rep.content[M.SHORTLIST]["ids"])))
-            contents[nid] = RecordDict({M.CONFIG: cfg, M.PIECES: arrays, M.PIECE_META: meta})
+            contents[nid] = RecordDict({M.CONFIG: cfg_for(nid), M.PIECES: arrays, M.PIECE_META: meta})
         replies = _send(grid, M.ASSEMBLE, contents, settings.timeout, report, "assemble")
         for nid, rep in sorted(replies.items()):
             report.newcomers.append({"user": str(rep.content[M.INFO]["user"])} | gate_metrics[nid]

@@ -41,6 +41,26 @@ def _reply(msg: Message, **records) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
+@app.query("style")
+def style(msg: Message, context: Context) -> Message:
+    """XPerT selection on the device: the own style in the catalog's words, and the nearest seed (or the base)."""
+    from participants.style_direction import choose_from_catalog
+    from protocols.catalog import catalog_from_json
+
+    cfg = _config(msg)
+    device = Device.from_node_config(context.node_config)
+    catalog = catalog_from_json(str(msg.content[M.CATALOG]["json"]))
+    start = time.perf_counter()
+    max_distance = float(cfg.get("max-seed-distance", 0.0)) or float("inf")
+    selection, own = choose_from_catalog(load_seed(catalog.base), device.history(), catalog, max_distance)
+    log.info("%s", selection.reason)
+    return _reply(msg, **{
+        M.SELECTION: ConfigRecord({"seed": selection.seed_id or "", "distance": float(selection.distance),
+                                   "reason": selection.reason, "user": device.history()[0].user}),
+        M.METRICS: MetricRecord({"selection-seconds": time.perf_counter() - start,
+                                 "own-residual": float(own.residual), "catalog-seeds": len(catalog.entries)})})
+
+
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
     """A noised mean embedding of the history and its size, for the coordinator's sharer choice."""

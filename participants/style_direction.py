@@ -19,6 +19,7 @@ from participants.profile import embed_texts
 from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols import explanations
+from protocols.catalog import Catalog
 from protocols.explanations import AttributeBasis, Explanation, decompose, describe, l1_distance
 from protocols.records import PersonalRecord
 
@@ -82,3 +83,14 @@ def select_seed(own: Explanation, catalog: dict[str, Explanation], words: Sequen
         return Selection(None, gap, distances, f"{reads}; no seed is near (nearest: {nearest}, L1 {gap:.2f} > "
                                               f"{max_distance:.2f}); falling back to the base")
     return Selection(nearest, gap, distances, f"{reads}; nearest seed: {nearest} (L1 {gap:.2f})")
+
+
+def choose_from_catalog(base: LoadedSeed, records: list[PersonalRecord], catalog: Catalog,
+                        max_distance: float = math.inf) -> tuple[Selection, Explanation]:
+    """XPerT on the device: the own style in the catalog's words (one generation pass of the base over the own
+    inputs, whatever the catalog's size), then the nearest seed's name, or None to keep the base."""
+    if base.descriptor.content_hash != catalog.base_hash:
+        raise ValueError(f"the catalog explains seeds of base {catalog.base!r} ({catalog.base_hash[:12]}…), but this "
+                         f"device runs {base.descriptor.seed_id!r} ({base.descriptor.content_hash[:12]}…)")
+    own = own_style(base, records, catalog.basis, max_new_tokens=catalog.max_new_tokens)
+    return select_seed(own, catalog.explanations(), catalog.words, max_distance), own

@@ -98,12 +98,17 @@ def load_catalog(folder: str | Path) -> Catalog:
     if not path.is_file():
         raise FileNotFoundError(f"no seed catalog at {folder} ({CATALOG_FILE} is missing); build one with "
                                 f"`bouquet seeds build --out {folder}`")
+    return catalog_from_json(path.read_text(), folder, where=str(path))
+
+
+def catalog_from_json(text: str, folder: str | Path = ".", where: str = "the catalog") -> Catalog:
+    """Parse catalog.json's text (a device gets it in a message; `folder` only matters for seed paths)."""
     try:
-        obj = json.loads(path.read_text())
-        return Catalog(folder=folder, base=str(obj["base"]), base_hash=str(obj["base_hash"]),
+        obj = json.loads(text)
+        return Catalog(folder=Path(folder), base=str(obj["base"]), base_hash=str(obj["base_hash"]),
                        basis=AttributeBasis.from_dict(obj["basis"]), probes=[str(p) for p in obj["probes"]],
                        max_new_tokens=int(obj["max_new_tokens"]),
                        entries=[CatalogEntry.from_dict(e) for e in obj["seeds"]])
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a bouquet seed catalog ({type(err).__name__}: {err}); rebuild it with "
+        raise ValueError(f"{where} is not a bouquet seed catalog ({type(err).__name__}: {err}); rebuild it with "
                          f"`bouquet seeds build`") from None

@@ -5,6 +5,8 @@ float32/float16 tensors ("<i>.A", "<i>.B", "<i>.gate") plus one JSON metadata st
 ConfigRecord; the receiver rebuilds each piece and checks its signature over the same canonical
 digest that the sender signed, so the container never has to be trusted.
 
+    STYLE          server -> participant the seed catalog (catalog.json)       (query.style)
+                   participant -> server the seed it chose, the distance, the reason in words
     PROFILE        server -> participant                                        (query.profile)
                    participant -> server history size + noised mean embedding
     SHARE          server -> sharer     config: training settings              (train.share)
@@ -25,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from protocols.pieces import Piece, PieceFormatError
 
+STYLE = "query.style"
 PROFILE = "query.profile"
 SHARE = "train.share"
 GATES = "query.gates"
@@ -38,6 +41,8 @@ GATE_ARRAYS = "gates"  # ArrayRecord: {piece_id: gate}
 GATE_META = "gate-meta"  # ConfigRecord: {"ids": [...], "positions": [...], "ranks": [...]}
 SHORTLIST = "shortlist"  # ConfigRecord: {"ids": [...]}
 METRICS = "metrics"  # MetricRecord
+CATALOG = "catalog"  # ConfigRecord: {"json": catalog.json's text}
+SELECTION = "selection"  # ConfigRecord: {"seed": name or "" for the base, "distance", "reason"}
 PROFILE_RECORD = "profile"  # ConfigRecord: {"count": int, "embedding": [float, ...]}
 INFO = "info"  # ConfigRecord of strings (user name, seed, notes)
 

@@ -21,6 +21,10 @@ def _add_simulate(sub) -> None:
     p.add_argument("--out", default="runs/simulate", help="run directory (pool, adapters, metrics.json)")
     p.add_argument("--seed-model", default=DEFAULT_SEED,
                    help=f"seed: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id")
+    p.add_argument("--catalog", default="", help="a seed catalog folder (`bouquet seeds build`): every participant "
+                   "first picks its seed from the explanations, and pieces are pooled per seed")
+    p.add_argument("--max-seed-distance", type=float, default=0.0,
+                   help="with --catalog: keep the base when the nearest seed is farther (L1); 0 = always the nearest")
     p.add_argument("--users", type=int, default=None, help="virtual participants (default: all users of the data)")
     p.add_argument("--sharers", type=int, default=4)
     p.add_argument("--newcomers", type=int, default=2)
@@ -75,7 +79,20 @@ def cmd_simulate(args) -> int:
         prepare_devices(users, out)
         print(f"{len(users)} devices written to {out / 'devices'}")
         return 0
-    settings = RunSettings(seed=args.seed_model, out_dir=str(out), num_sharers=args.sharers,
+    if args.catalog:
+        from protocols.catalog import load_catalog
+
+        try:
+            catalog = load_catalog(args.catalog)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.seed_model != catalog.base:
+            print(f"error: the catalog at {args.catalog} is built on {catalog.base!r}; run with --seed-model "
+                  f"{catalog.base}", file=sys.stderr)
+            return 2
+    settings = RunSettings(seed=args.seed_model, catalog=str(Path(args.catalog).resolve()) if args.catalog else "",
+                           max_seed_distance=args.max_seed_distance, out_dir=str(out), num_sharers=args.sharers,
                            num_newcomers=args.newcomers, sharer_selection=args.selection, lora_rank=args.rank,
                            lora_alpha=args.alpha, lora_steps=args.steps, lora_lr=args.lr,
                            gate_steps=args.gate_steps, batch_size=args.batch_size, max_len=args.max_len,
@@ -185,12 +202,178 @@ def cmd_pool_verify(args) -> int:
     return 0
 
 
+def _add_seeds(sub) -> None:
+    p = sub.add_parser("seeds", help="build the seed catalog (seeds and their explained styles)")
+    ssub = p.add_subparsers(dest="seeds_command", required=True)
+    b = ssub.add_parser("build", help="train seeds from labeled data, or merge them from pool clusters, and "
+                                      "explain each in attribute words; rerun with the same settings to resume",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--data", default="styleqa",
+                   help="'styleqa' (or a styleqa folder): one seed per style; a personal-data JSONL file: one seed "
+                        "per --label-by group. With --from-pool it only supplies the probe prompts")
+    b.add_argument("--label-by", default="user", choices=["user"], help="how a JSONL file is grouped into seeds")
+    b.add_argument("--from-pool", default=None, metavar="POOL",
+                   help="a piece pool (or a run folder holding one): one seed per cluster of its contributors, the "
+                        "exact mean of their LoRA updates")
+    b.add_argument("--clusters", type=int, default=None, help="seeds to make with --from-pool")
+    b.add_argument("--out", default="runs/catalog", help="catalog folder (catalog.json, build.json, seeds/)")
+    b.add_argument("--styles", default="1,2,3,4,5,6,7,8", help="styleqa styles to make seeds of")
+    b.add_argument("--rows", type=int, default=64, help="training rows per seed (a JSONL group's first ones)")
+    b.add_argument("--steps", type=int, default=40, help="LoRA steps per seed")
+    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--alpha", type=float, default=16.0)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--batch-size", type=int, default=4)
+    b.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
+    b.add_argument("--probes", type=int, default=16, help="probe prompts the seeds and the base answer")
+    b.add_argument("--words", type=int, default=8,
+                   help="the first N of the 16 style words (protocols.explanations.STYLE_WORDS: expert, "
+                        "elementary, concise, informative, friendly, formal, neutral, humorous, …)")
+    b.add_argument("--basis", choices=["text", "model"], default="text",
+                   help="attribute directions from hand-written exemplars (text) or from the base answering "
+                        "'Answer in a <word> style.' (model: (N+1)·probes generations)")
+    b.add_argument("--max-new-tokens", type=int, default=48, help="answer length of the probe answers")
+    b.add_argument("--seed-model", default=None,
+                   help=f"the base: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id (default: {DEFAULT_SEED}; "
+                        f"with --from-pool, the seed of the pool's pieces)")
+    b.add_argument("--random-seed", type=int, default=0, help="seed of LoRA training and of the clustering")
+    b.set_defaults(func=cmd_seeds_build)
+
+
+def cmd_seeds_build(args) -> int:
+    from participants.lora_training import LoraSettings
+    from protocols.explanations import STYLE_WORDS
+    from simulation import seed_building as sb
+
+    model = args.seed_model or DEFAULT_SEED  # with --from-pool and no model: the pool's seed, local as a rule
+    if model.startswith(EMBEDDED_PREFIX) or model == TINY or Path(model).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
+    if not 1 <= args.words <= len(STYLE_WORDS):
+        raise ValueError(f"--words must be between 1 and {len(STYLE_WORDS)}, got {args.words}")
+    words = STYLE_WORDS[: args.words]
+    common = dict(words=words, basis=args.basis, max_new_tokens=args.max_new_tokens)
+    start = time.perf_counter()
+    if args.from_pool:
+        if args.clusters is None:
+            raise ValueError("--from-pool needs --clusters K, the number of seeds to make")
+        probes = _probe_prompts(args, avoid=set())
+        catalog = sb.build_catalog_from_pool(args.out, args.from_pool, args.seed_model, args.clusters,
+                                             probes=probes, random_seed=args.random_seed, **common)
+    else:
+        if args.clusters is not None:
+            raise ValueError("--clusters only applies with --from-pool")
+        groups, built_from = _labeled_groups(args)
+        probes = _probe_prompts(args, avoid={r.input for records in groups.values() for r in records})
+        lora = LoraSettings(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
+                            batch_size=args.batch_size, max_len=args.max_len, seed=args.random_seed)
+        catalog = sb.build_catalog_from_labels(args.out, groups, args.seed_model or DEFAULT_SEED, lora, probes,
+                                               built_from=built_from, **common)
+    print("\n".join(format_catalog(catalog)))
+    print(f"built in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _is_jsonl(data: str) -> bool:
+    return data not in ("styleqa",) and Path(data).is_file()
+
+
+def _labeled_groups(args) -> tuple[dict, dict[str, str]]:
+    """Records per seed name, and what each seed is built from, for styleqa styles or JSONL users."""
+    import re
+
+    from protocols.records import group_by_user, load_records
+    from simulation.seed_building import styleqa_groups
+
+    if args.rows < 1:
+        raise ValueError(f"--rows must be at least 1, got {args.rows}")
+    if not _is_jsonl(args.data):
+        folder = None if args.data == "styleqa" else Path(args.data)
+        try:
+            styles = [int(s) for s in args.styles.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--styles takes comma-separated style numbers 1..8, got {args.styles!r}") from None
+        if not styles or any(not 1 <= s <= 8 for s in styles):
+            raise ValueError(f"--styles takes style numbers 1..8 (0 is the unstylized reference), got {args.styles!r}")
+        groups = styleqa_groups(args.rows, styles, folder)
+        return groups, {f"style{s}": f"styleqa style {s}, {args.rows} rows" for s in styles}
+    groups, built_from = {}, {}
+    for user, records in group_by_user(load_records(args.data)).items():
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", user).strip("-.") or "user"
+        if name in groups:
+            raise ValueError(f"users {user!r} and another both become the seed name {name!r}; rename one in "
+                             f"{args.data}")
+        groups[name] = records[: args.rows]
+        built_from[name] = f"user {user} of {Path(args.data).name}, {len(groups[name])} rows"
+    return groups, built_from
+
+
+def _probe_prompts(args, avoid: set[str]) -> list[str]:
+    """styleqa: unused test questions; a JSONL file: its inputs that no seed trains on, in file order."""
+    from protocols.records import load_records
+    from simulation.seed_building import styleqa_probes
+
+    if args.probes < 1:
+        raise ValueError(f"--probes must be at least 1, got {args.probes}")
+    if not _is_jsonl(args.data):
+        return styleqa_probes(args.probes, None if args.data == "styleqa" else Path(args.data), avoid)
+    probes = list(dict.fromkeys(r.input for r in load_records(args.data) if r.input not in avoid))
+    if not probes:
+        raise ValueError(f"every input of {args.data} trains a seed, none is left as a probe prompt; lower --rows")
+    if len(probes) < args.probes:
+        print(f"note: {args.data} leaves only {len(probes)} inputs unused by training; using them as probes",
+              file=sys.stderr)
+    return probes[: args.probes]
+
+
+def _add_catalog(sub) -> None:
+    p = sub.add_parser("catalog", help="show a seed catalog: its base, attribute words and each seed's explanation")
+    p.add_argument("dir", nargs="?", default="runs/catalog", help="catalog folder (default %(default)s)")
+    p.set_defaults(func=cmd_catalog)
+
+
+def cmd_catalog(args) -> int:
+    from protocols.catalog import load_catalog
+
+    print("\n".join(format_catalog(load_catalog(args.dir))))
+    return 0
+
+
+def format_catalog(catalog) -> list[str]:
+    """The catalog in lines a person reads: base, words, then one line per seed with its explanation."""
+    from protocols.explanations import describe
+
+    lines = [f"catalog {catalog.folder}",
+             f"base: {catalog.base} ({catalog.base_hash[:12]})",
+             f"probes: {len(catalog.probes)}, answers of up to {catalog.max_new_tokens} new tokens",
+             f"attribute words ({len(catalog.words)}): {', '.join(catalog.words)}",
+             f"seeds ({len(catalog.entries)}):"]
+    if not catalog.entries:
+        lines.append("  none yet")
+    name_w = max((len(e.name) for e in catalog.entries), default=0)
+    from_w = max((len(e.built_from) for e in catalog.entries), default=0)
+    for e in catalog.entries:
+        said = describe(e.explanation) if e.explanation.coefficients or e.explanation.residual else \
+            "answers the probes as the base does (nothing to explain)"
+        lines.append(f"  {e.name:<{name_w}}  {e.built_from:<{from_w}}  {e.content_hash[:12]}  "
+                     f"{_size(e.delta_bytes):>9}  {said}")
+    return lines
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bouquet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_bench(sub)
     _add_pool(sub)
+    _add_seeds(sub)
+    _add_catalog(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -18,6 +18,14 @@ def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) 
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough that no column is cut
             console = Console(width=160)
+    if metrics.get("selections"):
+        chosen = Table(title="seed choice on each device (XPerT)")
+        for col in ("user", "seed", "L1", "s", "why"):
+            chosen.add_column(col)
+        for user, m in sorted(metrics["selections"].items()):
+            chosen.add_row(user, m["seed"], f"{m['distance']:.2f}", f"{m.get('selection-seconds', 0):.1f}",
+                           m["reason"].split("; nearest")[0].removeprefix("your data reads as: "))
+        console.print(chosen)
     sharers = Table(title="sharers")
     for col in ("user", "LoRA loss", "LoRA s", "gate s", "shared", "accepted"):
         sharers.add_column(col)
@@ -46,5 +54,7 @@ def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) 
         console.print(f"[yellow]refused[/]: {line}")
     for line in metrics.get("unanswered", []):
         console.print(f"[yellow]no answer[/]: {line}")
+    if len(metrics.get("pool_by_seed", {})) > 1:
+        console.print("pool per seed: " + ", ".join(f"{Path(k).name}: {v}" for k, v in metrics["pool_by_seed"].items()))
     console.print(f"pool: {metrics['pool_pieces']} pieces; adapters in {run_dir / 'adapters'}; "
                   f"wall time {metrics.get('wall_seconds', 0):.0f} s")

@@ -1,6 +1,7 @@
 """A real Flower simulation (Ray) on the tiny seed: the whole loop, with one broken participant."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +16,37 @@ pytestmark = pytest.mark.integration
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 
 
+def tiny_catalog(folder):
+    """Two tiny seeds (base + a small delta each) explained over two marker words, built by hand."""
+    import numpy as np
+
+    from participants.adapters import save_peft_adapter
+    from participants.profile import embed_texts
+    from protocols.catalog import Catalog, CatalogEntry
+    from protocols.explanations import AttributeBasis, Explanation
+    from protocols.seeds import TINY, materialize, write_seed_folder
+
+    base = materialize(TINY)
+    plain = ["item 1 is fine", "item 2 is fine"]
+    vectors = [embed_texts([f"{m} {t} {m}" for t in plain]).mean(0) - embed_texts(plain).mean(0)
+               for m in ("ZAP!", "Dear sir,")]
+    catalog = Catalog(folder, TINY, base.content_hash, AttributeBasis(("zap", "formal"), np.stack(vectors)),
+                      ["tell me about item 99"], 8)
+    rng = np.random.default_rng(1)
+    for name, word in (("zappy", "zap"), ("formal", "formal")):
+        delta = {"model.layers.0.self_attn.q_proj": (rng.normal(size=(4, 64)).astype(np.float32),
+                                                     0.01 * rng.normal(size=(64, 4)).astype(np.float32))}
+        desc = write_seed_folder(catalog.seed_folder(name), name, base,
+                                 lambda path, d=delta: save_peft_adapter(path, d, 4, 8.0, TINY))
+        catalog.upsert(CatalogEntry(name, desc.content_hash, Explanation({word: 1.0}, 0.5), "by hand", 0))
+    catalog.save()
+    return catalog
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
+    catalog = tiny_catalog(root / "catalog")
     recs = [PersonalRecord(f"user{u}", f"tell me about item {i}", f"{s} item {i} is fine {s}")
             for u, s in enumerate(STYLES) for i in range(12)]
     save_records(recs, root / "data.jsonl")
@@ -25,7 +54,7 @@ def run(tmp_path_factory):
     run_dir = root / "run"
     settings = RunSettings(seed="tiny-random", out_dir=str(run_dir), num_sharers=3, num_newcomers=2,
                            lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
-                           sharer_selection="most-active", min_nodes=len(users))
+                           sharer_selection="most-active", min_nodes=len(users), catalog=str(catalog.folder))
     mapping = prepare_devices(users, run_dir)
     # one participant whose data is corrupt: it answers every message with an error
     (run_dir / "devices" / "5" / "history.jsonl").write_text("{not json\n")
@@ -46,6 +75,22 @@ def test_sharers_fill_the_pool_and_newcomers_get_adapters(run):
         assert 0 <= m["assembled-rouge1"] <= 1 and m["download-bytes"] > 0
         meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
         assert meta["user"] == m["user"] and len(meta["choices"]) >= 1
+
+
+def test_every_participant_picks_a_seed_and_its_pieces_land_in_that_seeds_pool(run):
+    run_dir, mapping, metrics = run
+    answering = [u for n, u in mapping.items() if n != 5]
+    assert sorted(metrics["selections"]) == sorted(answering)
+    for sel in metrics["selections"].values():
+        assert sel["seed"] in ("zappy", "formal") and "your data reads as" in sel["reason"]
+    sharer_seeds = sorted({metrics["selections"][u]["seed"] for u in metrics["sharers"]})
+    with PiecePool(run_dir / "pool") as pool:
+        filled = sorted(Path(sid).name for sid, n in metrics["pool_by_seed"].items() if n)
+        assert filled == sharer_seeds  # each sharer's pieces went to the pool of the seed it chose
+        assert sum(metrics["pool_by_seed"].values()) == pool.count() == 24
+    for m in metrics["newcomers"]:
+        meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
+        assert meta["seed"].endswith(metrics["selections"][m["user"]]["seed"])
 
 
 def test_the_broken_participant_is_reported_and_left_out(run):
