@@ -286,6 +286,8 @@ def _labeled_groups(args) -> tuple[dict, dict[str, str]]:
 
     if args.rows < 1:
         raise ValueError(f"--rows must be at least 1, got {args.rows}")
+    if args.data != "styleqa" and not Path(args.data).exists():
+        raise ValueError(f"--data {args.data!r} is neither 'styleqa', a styleqa folder nor a JSONL file")
     if not _is_jsonl(args.data):
         folder = None if args.data == "styleqa" else Path(args.data)
         try:

@@ -1,0 +1,282 @@
+"""Building the seed catalog: seeds from labeled groups and from pool clusters, explained, resumable, shown."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.explain_seed import explain_seed
+from coordinator.pool import PiecePool
+from coordinator.validation import RegisteredSeed, seed_shapes
+from participants.adapters import load_peft_adapter
+from participants.evaluation import generate
+from participants.lora_training import LoraSettings
+from participants.seed_loading import load_seed
+from protocols.attribute_words import EXEMPLARS, text_basis
+from protocols.catalog import load_catalog
+from protocols.explanations import Explanation
+from protocols.pieces import Piece
+from protocols.records import PersonalRecord, save_records
+from protocols.seeds import TINY, materialize, weights_hash
+from simulation import seed_building
+from simulation.cli import main
+from simulation.seed_building import (build_catalog_from_labels, build_catalog_from_pool, mean_delta,
+                                      styleqa_groups, styleqa_probes)
+
+LORA = LoraSettings(rank=4, alpha=8.0, steps=20, lr=0.02, batch_size=2, max_len=32)
+WORDS = ("concise", "friendly", "expert")
+PROBES = ["What is rain?", "Name a color."]
+Q = "model.layers.0.self_attn.q_proj"
+K = "model.layers.0.self_attn.k_proj"
+
+
+def hashed_embed(texts: list[str]) -> np.ndarray:
+    """A stand-in for MiniLM: unit-length hashed character-bigram counts (fast, deterministic)."""
+    out = np.zeros((len(texts), 48))
+    for i, text in enumerate(texts):
+        for a, b in zip(text, text[1:], strict=False):
+            out[i, zlib.crc32((a + b).encode()) % 48] += 1.0
+        out[i] /= max(np.linalg.norm(out[i]), 1e-12)
+    return out
+
+
+def groups() -> dict[str, list[PersonalRecord]]:
+    return {"buzz": [PersonalRecord("u1", f"tell me about thing {i}", "zzz zzz zzz zzz") for i in range(6)],
+            "abab": [PersonalRecord("u2", f"tell me about thing {i}", "ab ab ab ab") for i in range(6)]}
+
+
+def build(out, lora=LORA, data=None, **kw):
+    return build_catalog_from_labels(out, data or groups(), TINY, lora, PROBES, WORDS, max_new_tokens=8,
+                                     built_from={"buzz": "test buzz", "abab": "test abab"}, embed=hashed_embed, **kw)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("catalog")
+    return out, build(out)
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A private copy of the built catalog, for tests that change it."""
+    shutil.copytree(built[0], tmp_path / "catalog")
+    return tmp_path / "catalog"
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("a seed was trained again")
+
+
+def test_a_two_seed_catalog_is_written_hashed_and_explained(built):
+    out, catalog = built
+    assert [e.name for e in catalog.entries] == ["abab", "buzz"]
+    back = load_catalog(out)
+    assert back.base == TINY and back.base_hash == materialize(TINY).content_hash
+    assert back.words == WORDS and back.probes == PROBES and back.max_new_tokens == 8
+    assert json.loads((out / "build.json").read_text())["lora"]["steps"] == LORA.steps
+    base = load_seed(TINY)
+    base_answers = generate(base, [PersonalRecord("p", p, "") for p in PROBES], max_new_tokens=8)
+    for entry in back.entries:
+        folder = back.seed_folder(entry.name)
+        assert {f.name for f in folder.iterdir()} == {"seed.json", "delta"}
+        assert not list(folder.parent.glob("*.tmp*")), "nothing half-written is left behind"
+        desc = materialize(back.seed_source(entry.name))
+        assert desc.content_hash == entry.content_hash and desc.path == base.descriptor.path
+        assert entry.delta_bytes == (folder / "delta" / "adapter_model.safetensors").stat().st_size
+        assert entry.built_from == f"test {entry.name}"
+        # the explanation is the seed's own answers against the base's, in the catalog's basis
+        answers = generate(load_seed(back.seed_source(entry.name)), [PersonalRecord("p", p, "") for p in PROBES],
+                           max_new_tokens=8)
+        assert answers != base_answers, "the seed answers differently from the base"
+        assert entry.explanation == explain_seed(answers, base_answers, back.basis, hashed_embed)
+        assert entry.explanation != Explanation({}, 0.0)
+    assert back.entry("abab").content_hash != back.entry("buzz").content_hash
+
+
+def test_the_basis_is_the_text_basis_of_the_words(built):
+    _, catalog = built
+    np.testing.assert_allclose(catalog.basis.vectors, text_basis(WORDS, hashed_embed).vectors)
+    with pytest.raises(ValueError, match="no hand-written exemplars for 'snarky'"):
+        text_basis(("snarky",), hashed_embed)
+    assert set(EXEMPLARS) >= set(WORDS)
+
+
+def test_a_rerun_skips_built_seeds_and_a_stopped_one_is_only_explained(copy, monkeypatch):
+    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    stamp = {f: f.stat().st_mtime_ns for f in copy.rglob("*.safetensors")}
+    before = load_catalog(copy)
+    again = build(copy)
+    assert again.entries == before.entries
+    assert {f: f.stat().st_mtime_ns for f in copy.rglob("*.safetensors")} == stamp
+    # stopped after writing a seed's folder but before its catalog entry: the delta is reused, not retrained
+    obj = json.loads((copy / "catalog.json").read_text())
+    obj["seeds"] = [s for s in obj["seeds"] if s["name"] != "buzz"]
+    (copy / "catalog.json").write_text(json.dumps(obj))
+    resumed = build(copy)
+    assert resumed.entries == before.entries
+
+
+def test_a_damaged_seed_folder_is_rebuilt(copy):
+    (copy / "seeds" / "buzz" / "delta" / "adapter_config.json").unlink()
+    resumed = build(copy)
+    assert [e.name for e in resumed.entries] == ["abab", "buzz"]
+    assert materialize(resumed.seed_source("buzz")).content_hash == resumed.entry("buzz").content_hash
+
+
+def test_other_settings_or_other_data_are_refused_with_the_reason(copy):
+    with pytest.raises(ValueError, match=r"other settings \(lora differ.*another --out"):
+        build(copy, lora=LoraSettings(rank=4, alpha=8.0, steps=21, lr=0.02, batch_size=2, max_len=32))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, WORDS, max_new_tokens=9, embed=hashed_embed)
+    data = groups()
+    data["buzz"] = data["buzz"][:5]
+    with pytest.raises(ValueError, match="seed 'buzz' .* was built from other data"):
+        build(copy, data=data)
+    (copy / "build.json").unlink()
+    with pytest.raises(ValueError, match="without the build.json"):
+        build(copy)
+
+
+def test_probes_that_a_seed_trains_on_and_bad_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="probe prompt.*training inputs"):
+        build_catalog_from_labels(tmp_path, groups(), TINY, LORA, ["tell me about thing 3"], WORDS,
+                                  embed=hashed_embed)
+    with pytest.raises(ValueError, match="folder names"):
+        build(tmp_path, data={"a/b": groups()["buzz"]})
+    with pytest.raises(ValueError, match="no hand-written exemplars"):
+        build_catalog_from_labels(tmp_path, groups(), TINY, LORA, PROBES, ("snarky",), embed=hashed_embed)
+    assert not (tmp_path / "catalog.json").exists()
+    # a build that failed before its first catalog.json does not hold the folder to its settings
+    quick = LoraSettings(rank=2, alpha=4.0, steps=1, batch_size=2, max_len=16)
+    assert [e.name for e in build(tmp_path, lora=quick, data={"buzz": groups()["buzz"][:2]}).entries] == ["buzz"]
+
+
+def test_bouquet_catalog_shows_base_words_and_each_seed(built, capsys, tmp_path):
+    out, catalog = built
+    assert main(["catalog", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"base: {TINY} ({catalog.base_hash[:12]})" in text
+    assert "attribute words (3): concise, friendly, expert" in text
+    for e in catalog.entries:
+        line = next(line for line in text.splitlines() if line.strip().startswith(e.name))
+        assert e.built_from in line and e.content_hash[:12] in line and "residual" in line
+    assert main(["catalog", str(tmp_path / "nothing")]) == 2
+    assert "no seed catalog at" in capsys.readouterr().err
+
+
+def test_bouquet_seeds_build_from_a_jsonl_file_one_seed_per_user(tmp_path, capsys):
+    records = [PersonalRecord("ann@x", f"question {i}", "zzz zzz zzz") for i in range(4)]
+    records += [PersonalRecord("bob", f"question {i}", "ab ab ab") for i in range(4)]
+    save_records(records, tmp_path / "users.jsonl")
+    args = ["seeds", "build", "--data", str(tmp_path / "users.jsonl"), "--out", str(tmp_path / "cat"),
+            "--seed-model", TINY, "--rows", "3", "--steps", "2", "--probes", "5", "--words", "2",
+            "--basis", "model", "--max-new-tokens", "4", "--batch-size", "2", "--max-len", "32"]
+    assert main(args) == 0
+    catalog = load_catalog(tmp_path / "cat")
+    assert [e.name for e in catalog.entries] == ["ann-x", "bob"]
+    assert catalog.probes == ["question 3"], "only inputs no seed trains on are probes"
+    assert catalog.words == ("expert", "elementary") and catalog.basis.dim == 384  # MiniLM
+    assert json.loads((tmp_path / "cat" / "build.json").read_text())["basis"] == "model"
+    assert "user ann@x of users.jsonl, 3 rows" in capsys.readouterr().out
+    assert main(args[:-2] + ["--max-len", "48"]) == 2
+    assert "other settings (lora differ" in capsys.readouterr().err
+
+
+# --- from the pool ---------------------------------------------------------------------------------
+
+
+def piece(position, rank, alpha, A, B, key) -> Piece:
+    base = materialize(TINY)
+    return Piece(seed_id=TINY, seed_hash=base.content_hash, position=position, rank=rank, alpha=alpha,
+                 A=A.astype(np.float32), B=B.astype(np.float32),
+                 gate=np.zeros(A.shape[1], np.float32)).signed(key)
+
+
+def update(p: Piece) -> np.ndarray:
+    return p.scaling * (p.B.astype(np.float64) @ p.A.astype(np.float64))
+
+
+def members(rng) -> list[list[Piece]]:
+    """Three contributors: different ranks and alphas, one shares only q, one has two pieces at q."""
+    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    A1, B1 = rng.normal(size=(4, 64)), 0.05 * rng.normal(size=(64, 4))
+    M = rng.normal(size=(4, 4)) + 3 * np.eye(4)
+    c1 = [piece(Q, 4, 8.0, A1, B1, keys[0]),
+          piece(K, 4, 8.0, rng.normal(size=(4, 64)), 0.05 * rng.normal(size=(32, 4)), keys[0])]
+    # c2's update at q is 3 × c1's, written with another factorization: the same direction
+    c2 = [piece(Q, 4, 8.0, M @ A1, 3 * B1 @ np.linalg.inv(M), keys[1])]
+    c3 = [piece(Q, 2, 16.0, rng.normal(size=(2, 64)), 0.05 * rng.normal(size=(64, 2)), keys[2]),
+          piece(Q, 8, 8.0, rng.normal(size=(8, 64)), 0.05 * rng.normal(size=(64, 8)), keys[2]),
+          piece(K, 2, 4.0, rng.normal(size=(2, 64)), 0.05 * rng.normal(size=(32, 2)), keys[2])]
+    return [c1, c2, c3]
+
+
+def expected_mean(group: list[list[Piece]], position: str) -> np.ndarray:
+    own = [np.mean([update(p) for p in m if p.position == position], axis=0)
+           for m in group if any(p.position == position for p in m)]
+    return np.mean(own, axis=0)
+
+
+def test_the_merged_lora_is_exactly_the_mean_update_of_its_members():
+    group = members(np.random.default_rng(0))
+    weights, rank, alpha = mean_delta(group)
+    assert rank == 4 + 4 + (2 + 8) and alpha == rank  # q: all three members' ranks stacked
+    for position in (Q, K):
+        A, B = weights[position]
+        assert A.shape == (rank, 64) and B.shape[1] == rank  # k has fewer members: zero padding
+        np.testing.assert_allclose((alpha / rank) * B.astype(np.float64) @ A, expected_mean(group, position),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
+    group = members(np.random.default_rng(1))
+    base = materialize(TINY)
+    with PiecePool(tmp_path / "run" / "pool") as pool:
+        pool.register_seed(RegisteredSeed(TINY, base.content_hash, seed_shapes(base.path)))
+        accepted, refused = pool.add_many(p for m in group for p in m)
+        assert not refused
+    catalog = build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES, words=WORDS,
+                                      max_new_tokens=4, embed=hashed_embed)
+    contributors = [m[0].contributor for m in group]
+    same = sorted(contributors[:2])
+    assert [e.name for e in catalog.entries] == ["cluster1", "cluster2"]
+    pair = next(e for e in catalog.entries if "2 contributor(s)" in e.built_from)
+    assert all(c in pair.built_from for c in same), "the two contributors with one update direction cluster"
+    weights, rank, alpha = load_peft_adapter(catalog.seed_folder(pair.name) / "delta")
+    np.testing.assert_allclose((alpha / rank) * weights[Q][1].astype(np.float64) @ weights[Q][0],
+                               expected_mean(group[:2], Q), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose((alpha / rank) * weights[K][1].astype(np.float64) @ weights[K][0],
+                               expected_mean(group[:1], K), rtol=1e-5, atol=1e-7)
+    # and PEFT merges it into the base as exactly that update
+    merged = load_seed(catalog.seed_source(pair.name)).model.get_submodule(Q).weight.double()
+    bare = load_seed(TINY).model.get_submodule(Q).weight.double()
+    torch.testing.assert_close(merged - bare, torch.from_numpy(expected_mean(group[:2], Q)), rtol=1e-4, atol=1e-6)
+    assert weights_hash(catalog.seed_folder(pair.name) / "delta")
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        build_catalog_from_pool(tmp_path / "other", tmp_path / "run", None, 4, probes=PROBES, words=WORDS,
+                                embed=hashed_embed)
+    with pytest.raises(FileNotFoundError, match="neither a piece pool"):
+        build_catalog_from_pool(tmp_path / "other", tmp_path, None, 1, probes=PROBES, embed=hashed_embed)
+
+
+# --- styleqa ---------------------------------------------------------------------------------------
+
+
+def test_styleqa_probes_never_overlap_the_rows_seeds_train_on():
+    try:
+        groups_ = styleqa_groups(5, [1, 3])
+    except FileNotFoundError:
+        pytest.skip("no shared styleqa folder")
+    assert list(groups_) == ["style1", "style3"] and all(len(g) == 5 for g in groups_.values())
+    assert [r.input for r in groups_["style1"]] == [r.input for r in groups_["style3"]]
+    assert groups_["style1"][0].output != groups_["style3"][0].output
+    probes = styleqa_probes(8)
+    trained = {r.input for g in styleqa_groups(1000).values() for r in g}
+    assert len(probes) == 8 and not set(probes) & trained
+    assert styleqa_probes(3, avoid=probes[:2]) == probes[2:5]
