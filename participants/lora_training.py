@@ -46,10 +46,13 @@ LoraWeights = dict[str, tuple[np.ndarray, np.ndarray]]  # position -> (A, B), fl
 
 
 def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings: LoraSettings,
-                       init: LoraWeights | None = None, desc: str = "private LoRA") -> tuple[LoraWeights, TrainReport]:
+                       init: LoraWeights | None = None, desc: str = "private LoRA",
+                       on_step=None) -> tuple[LoraWeights, TrainReport]:
     """Train a LoRA on the records; return its weights per position and what it cost.
 
     `init` starts from given weights (e.g. an assembled adapter) instead of PEFT's fresh init.
+    `on_step(step, report)`, if given, runs after every step with the LoRA in place on `seed.model`
+    (e.g. to measure a held-out loss along the way); its time is not counted in the report.
     The cached seed model is restored (LoRA layers unloaded) before returning.
     """
     from peft import LoraConfig, get_peft_model
@@ -69,7 +72,7 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         examples = encode_all(seed.tokenizer, records, settings.max_len)
         data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device, settings.seed)
         model.train()
-        report = run_steps(model, data, settings.steps, opt, params, desc, sched=sched, clip=1.0)
+        report = run_steps(model, data, settings.steps, opt, params, desc, sched=sched, clip=1.0, on_step=on_step)
         weights = {pos: (layer.lora_A["default"].weight.detach().float().cpu().numpy().copy(),
                          layer.lora_B["default"].weight.detach().float().cpu().numpy().copy())
                    for pos, layer in layers.items()}
@@ -80,12 +83,14 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         seed.model.requires_grad_(False)
 
 
-def run_steps(model, data, steps: int, opt, params, desc: str, sched=None, clip: float | None = None) -> TrainReport:
+def run_steps(model, data, steps: int, opt, params, desc: str, sched=None, clip: float | None = None,
+              on_step=None) -> TrainReport:
     """The step loop both trainers share: answer-token loss, backward, optimizer, progress."""
     report = TrainReport()
     start = time.perf_counter()
+    paused = 0.0  # time spent in on_step, left out of the report
     with progress(steps, desc) as bar:
-        for _ in range(steps):
+        for step in range(steps):
             batch = next(data)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = next_token_loss(logits, batch["labels"])
@@ -101,7 +106,13 @@ def run_steps(model, data, steps: int, opt, params, desc: str, sched=None, clip:
             report.step_tokens.append(int(batch["attention_mask"].sum()))
             report.tokens += report.step_tokens[-1]
             bar.update(loss=report.losses[-1])
-    report.seconds = time.perf_counter() - start
+            if on_step is not None:
+                pause = time.perf_counter()
+                model.eval()
+                on_step(step + 1, report)
+                model.train()
+                paused += time.perf_counter() - pause
+    report.seconds = time.perf_counter() - start - paused
     return report
 
 

@@ -238,6 +238,35 @@ def _add_seeds(sub) -> None:
                         f"with --from-pool, the seed of the pool's pieces)")
     b.add_argument("--random-seed", type=int, default=0, help="seed of LoRA training and of the clustering")
     b.set_defaults(func=cmd_seeds_build)
+    c = ssub.add_parser("bench", help="XPerT's seed choice against exhaustive search and successive halving: "
+                                      "accuracy, cost against catalog size, fine-tuning from the selected seed vs. "
+                                      "the base, and assembling from its pool vs. the base's",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--catalog", default="runs/catalog", help="a styleqa catalog (`bouquet seeds build`)")
+    c.add_argument("--out", default="runs/seeds-bench", help="run directory; rerun with the same settings to resume")
+    c.add_argument("--users-per-style", type=int, default=2)
+    c.add_argument("--history", type=int, default=16)
+    c.add_argument("--test", type=int, default=6, help="held-out items per user (fine-tuning and pool comparisons)")
+    c.add_argument("--ft-steps", type=int, default=30)
+    c.add_argument("--styles-for-tuning", type=int, default=4,
+                   help="the first N styles of the catalog in the fine-tuning and pool comparisons")
+    c.add_argument("--parts", default="accuracy,scaling,tuning,pools")
+    c.set_defaults(func=cmd_seeds_bench)
+
+
+def cmd_seeds_bench(args) -> int:
+    from simulation.seed_bench import SeedBenchSettings, run_seed_bench
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = SeedBenchSettings(users_per_style=args.users_per_style, history=args.history, test=args.test,
+                                 ft_steps=args.ft_steps, styles_for_tuning=args.styles_for_tuning)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = sorted(set(parts) - {"accuracy", "scaling", "tuning", "pools"})
+    if unknown:
+        raise ValueError(f"unknown --parts {', '.join(unknown)}: choose among accuracy, scaling, tuning, pools")
+    run_seed_bench(args.catalog, args.out, settings, parts)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
 
 
 def cmd_seeds_build(args) -> int:

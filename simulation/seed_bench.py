@@ -1,0 +1,400 @@
+"""`bouquet seeds bench`: XPerT's seed choice against trying the seeds, on styleqa users of a built catalog.
+
+    bouquet seeds bench --catalog runs/catalog [--out runs/seeds-bench] [--users-per-style 2] [--history 16]
+
+Four comparisons, each printed and written to <out>/report.json and report.md:
+  1. accuracy: users of style s should pick the seed built for s; XPerT (explanations only), exhaustive search
+     and successive halving (both score the seeds' loss on the user's history), with confusion matrices;
+  2. cost against catalog size (4, 8, 16, 32 seeds of the tiny model): XPerT's selection stays flat, the
+     searches grow with the catalog;
+  3. never from scratch: a LoRA fine-tuned from the selected seed against one from the base, held-out loss
+     along the steps: how many steps (and seconds) the selected seed needs to reach the base's final loss;
+  4. the pool: the adapter a newcomer assembles from its seed's pool (pieces that sharers trained on that
+     seed) against the one assembled from the base's pool (the same sharers, trained on the base).
+
+Users are slices of each style's styleqa training rows taken from the end, so they never overlap the rows the
+seeds were built from (the start of the file) nor the probe questions (test questions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.pool import PiecePool
+from coordinator.validation import RegisteredSeed, seed_shapes
+from participants.assembly import AssemblySettings
+from participants.cutting import cut_into_pieces
+from participants.gate_training import train_gates
+from participants.lora_training import LoraSettings, train_private_lora
+from participants.progress import log, progress
+from participants.seed_loading import forget_seed, load_seed
+from participants.seed_search import exhaustive_search, mean_loss, record_losses, successive_halving
+from participants.style_direction import choose_from_catalog
+from protocols.catalog import Catalog, load_catalog
+from simulation.datasets import UserData, find_styleqa, styleqa_rows
+
+_STYLE_SEED = re.compile(r"^style(\d+)$")
+
+
+@dataclass(frozen=True)
+class SeedBenchSettings:
+    users_per_style: int = 2
+    history: int = 16
+    test: int = 6
+    ft_steps: int = 30  # fine-tuning steps from the base and from the selected seed
+    eval_every: int = 3
+    styles_for_tuning: int = 4  # styles (the first N of the catalog) in comparisons 3 and 4
+    sharer_steps: int = 20
+    gate_steps: int = 10
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 1e-3
+    batch_size: int = 4
+    max_len: int = 128
+    min_items: int = 2  # successive halving's first budget
+    scaling_sizes: tuple[int, ...] = (4, 8, 16, 32)
+    random_seed: int = 0
+
+    def lora(self, steps: int) -> LoraSettings:
+        return LoraSettings(rank=self.rank, alpha=self.alpha, steps=steps, lr=self.lr, batch_size=self.batch_size,
+                            max_len=self.max_len, seed=self.random_seed)
+
+
+def style_seeds(catalog: Catalog) -> dict[int, str]:
+    """Style number -> seed name, for the catalog's seeds named "style{s}"."""
+    found = {int(m.group(1)): e.name for e in catalog.entries if (m := _STYLE_SEED.match(e.name))}
+    if len(found) < 2:
+        raise ValueError(f"the catalog at {catalog.folder} has {len(found)} seeds named style<N>; the seed bench "
+                         f"needs a styleqa catalog: `bouquet seeds build --data styleqa --out {catalog.folder}`")
+    return dict(sorted(found.items()))
+
+
+def bench_users(styles: list[int], s: SeedBenchSettings, per_style: int, skip: int = 0) -> list[UserData]:
+    """Per style, users with disjoint slices from the end of its training rows (the seeds use the start)."""
+    folder = find_styleqa()
+    users = []
+    span = s.history + s.test
+    for style in styles:
+        rows = styleqa_rows(folder, style, "train")
+        for j in range(skip, skip + per_style):
+            chunk = rows[len(rows) - (j + 1) * span: len(rows) - j * span]
+            name = f"style{style}-u{j}"
+            users.append(UserData(name, [replace(r, user=name) for r in chunk[: s.history]],
+                                  [replace(r, user=name) for r in chunk[s.history:]]))
+    return users
+
+
+def _confusion(styles: list[int], picks: list[tuple[int, int | None]]) -> list[list[int]]:
+    """Rows: the user's style; columns: the chosen seed's style, then a last column for "base / other"."""
+    index = {s: i for i, s in enumerate(styles)}
+    matrix = [[0] * (len(styles) + 1) for _ in styles]
+    for truth, chosen in picks:
+        matrix[index[truth]][index.get(chosen, len(styles)) if chosen is not None else len(styles)] += 1
+    return matrix
+
+
+def _style_of(seed_names: dict[str, int], name: str | None) -> int | None:
+    return seed_names.get(name) if name else None
+
+
+# --- 1. accuracy --------------------------------------------------------------------------------------------
+
+
+def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
+    styles = style_seeds(catalog)
+    names = {name: style for style, name in styles.items()}
+    sources = {catalog.seed_source(name): name for name in names}
+    users = bench_users(list(styles), s, s.users_per_style)
+    base = load_seed(catalog.base)
+    path = out / "selection.jsonl"
+    done = {json.loads(line)["user"]: json.loads(line) for line in path.read_text().splitlines()} \
+        if path.exists() else {}
+    with progress(len(users), "seed choice") as bar:
+        for u in users:
+            if u.user not in done:
+                start = time.perf_counter()
+                selection, own = choose_from_catalog(base, u.history, catalog)
+                xpert_s = time.perf_counter() - start
+                full = exhaustive_search(list(sources), u.history, max_len=s.max_len)
+                halving = successive_halving(list(sources), u.history, min_items=s.min_items, max_len=s.max_len)
+                row = {"user": u.user, "style": int(u.user.split("-")[0][5:]),
+                       "xpert": {"seed": selection.seed_id, "seconds": xpert_s, "reason": selection.reason,
+                                 "distances": selection.distances, "residual": own.residual,
+                                 "tokens_generated": len(u.history) * catalog.max_new_tokens},
+                       "exhaustive": _search_row(full, sources), "halving": _search_row(halving, sources)}
+                with path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                done[u.user] = row
+            bar.update(user=u.user)
+    rows = [done[u.user] for u in users]
+    report = {"styles": list(styles), "users": len(rows)}
+    for method in ("xpert", "exhaustive", "halving"):
+        picks = [(r["style"], _style_of(names, r[method]["seed"])) for r in rows]
+        report[method] = {
+            "accuracy": sum(t == c for t, c in picks) / len(picks), "confusion": _confusion(list(styles), picks),
+            "seconds_median": statistics.median(r[method]["seconds"] for r in rows)}
+        if method != "xpert":
+            report[method] |= {k: statistics.median(r[method][k] for r in rows)
+                               for k in ("tokens_forward", "bytes_loaded", "seeds_loaded")}
+    report["xpert"]["catalog_bytes"] = len(json.dumps(catalog.to_dict()))
+    report["per_user"] = {r["user"]: {m: r[m]["seed"] for m in ("xpert", "exhaustive", "halving")} for r in rows}
+    return report
+
+
+def _search_row(result, sources: dict[str, str]) -> dict:
+    return {"seed": sources[result.seed_id], "seconds": result.seconds, "tokens_forward": result.tokens_forward,
+            "bytes_loaded": result.bytes_loaded, "seeds_loaded": result.seeds_loaded,
+            "losses": {sources[k]: v for k, v in result.losses.items()}}
+
+
+# --- 2. cost against catalog size (tiny seeds) ----------------------------------------------------------------
+
+
+def scaling(s: SeedBenchSettings, out: Path) -> list[dict]:
+    """Catalogs of 4..32 tiny seeds (base + a random delta each, explained like real seeds): selection cost."""
+    from simulation.tiny_catalog import build_tiny_catalog
+
+    largest = build_tiny_catalog(out / "tiny-catalog", max(s.scaling_sizes), seed=s.random_seed)
+    user = bench_users([1], replace(s, history=s.history, test=1), 1)[0]
+    base = load_seed(largest.base)
+    rows = []
+    with progress(len(s.scaling_sizes), "cost vs catalog size") as bar:
+        for n in s.scaling_sizes:
+            sub = replace(largest, entries=largest.entries[:n])
+            sources = [sub.seed_source(e.name) for e in sub.entries]
+            xpert = []
+            for _ in range(3):
+                start = time.perf_counter()
+                choose_from_catalog(base, user.history, sub)
+                xpert.append(time.perf_counter() - start)
+            full = exhaustive_search(sources, user.history, max_len=s.max_len)
+            halving = successive_halving(sources, user.history, min_items=s.min_items, max_len=s.max_len)
+            rows.append({"seeds": n, "xpert_seconds": statistics.median(xpert),
+                         "xpert_bytes": len(json.dumps(sub.to_dict())),
+                         "exhaustive_seconds": full.seconds, "exhaustive_tokens": full.tokens_forward,
+                         "exhaustive_bytes": full.bytes_loaded, "halving_seconds": halving.seconds,
+                         "halving_tokens": halving.tokens_forward, "halving_bytes": halving.bytes_loaded})
+            bar.update(seeds=n)
+    return rows
+
+
+# --- 3. never from scratch ------------------------------------------------------------------------------------
+
+
+def _tune_curve(source: str, user: UserData, s: SeedBenchSettings) -> dict:
+    """Fine-tune a fresh LoRA on the user's history from `source`; held-out loss every few steps."""
+    seed = load_seed(source)
+    start_loss = mean_loss(record_losses(seed, user.test, max_len=s.max_len)[0])
+    curve: list[tuple[int, float, float]] = [(0, start_loss, 0.0)]
+    clock = {"t0": time.perf_counter(), "paused": 0.0}
+
+    def on_step(step: int, report) -> None:
+        if step % s.eval_every and step != s.ft_steps:
+            return
+        pause = time.perf_counter()
+        loss = mean_loss(record_losses(seed, user.test, max_len=s.max_len)[0])
+        curve.append((step, loss, pause - clock["t0"] - clock["paused"]))
+        clock["paused"] += time.perf_counter() - pause
+
+    _, report = train_private_lora(seed, user.history, s.lora(s.ft_steps), desc=f"{user.user}: ft from "
+                                   f"{Path(source).name}", on_step=on_step)
+    return {"curve": curve, "seconds": report.seconds, "tokens": report.tokens}
+
+
+def _first_reaching(curve: list, target: float) -> tuple[int, float] | None:
+    for step, loss, seconds in curve:
+        if loss <= target + 1e-9:
+            return step, seconds
+    return None
+
+
+def never_from_scratch(catalog: Catalog, selection: dict, s: SeedBenchSettings, out: Path) -> list[dict]:
+    styles = list(style_seeds(catalog))[: s.styles_for_tuning]
+    users = bench_users(styles, s, 1)
+    path = out / "tuning.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    with progress(len(users), "never from scratch") as bar:
+        for u in users:
+            if u.user not in done:
+                chosen = selection["per_user"][u.user]["xpert"]
+                base_run = _tune_curve(catalog.base, u, s)
+                seed_run = _tune_curve(catalog.seed_source(chosen), u, s) if chosen else base_run
+                forget_seed(catalog.seed_source(chosen)) if chosen else None
+                target = base_run["curve"][-1][1]
+                done[u.user] = {"seed": chosen or "base", "target_loss": target, "base": base_run,
+                                "selected": seed_run, "base_reaches": _first_reaching(base_run["curve"], target),
+                                "selected_reaches": _first_reaching(seed_run["curve"], target)}
+                _write_json(path, done)
+            bar.update(user=u.user)
+    return [{"user": u.user} | done[u.user] for u in users]
+
+
+# --- 4. the selected seed's pool against the base's pool -------------------------------------------------------
+
+
+def pools(catalog: Catalog, selection: dict, s: SeedBenchSettings, out: Path) -> list[dict]:
+    """Sharers (other users of the same styles) train on the seed they select and, for the reference, on the base;
+    each target assembles from its seed's pool and from the base's pool."""
+    from simulation.bench import perpcs
+    from participants.evaluation import perplexity
+
+    styles = list(style_seeds(catalog))[: s.styles_for_tuning]
+    targets = bench_users(styles, s, 1)
+    sharers = bench_users(styles, s, 1, skip=s.users_per_style)
+    path = out / "pools.json"
+    state = json.loads(path.read_text()) if path.exists() else {"sharers": {}, "targets": {}}
+    base_desc = load_seed(catalog.base).descriptor
+    with PiecePool(out / "pool") as pool:
+        pool.register_seed(RegisteredSeed(base_desc.seed_id, base_desc.content_hash, seed_shapes(base_desc.path)))
+        with progress(len(sharers), "sharers (seed and base)") as bar:
+            for u in sharers:
+                if u.user not in state["sharers"]:
+                    selected, _ = choose_from_catalog(load_seed(catalog.base), u.history, catalog)
+                    sources = [catalog.base] + ([catalog.seed_source(selected.seed_id)] if selected.seed_id else [])
+                    for source in sources:
+                        seed = load_seed(source)
+                        if seed.descriptor.delta:
+                            pool.register_seed(RegisteredSeed(seed.descriptor.seed_id, seed.descriptor.content_hash,
+                                                              seed_shapes(seed.descriptor.path)))
+                        weights, _ = train_private_lora(seed, u.history, s.lora(s.sharer_steps),
+                                                        desc=f"{u.user} on {Path(source).name}")
+                        gates, _ = train_gates(seed, u.history, weights, s.lora(s.sharer_steps), steps=s.gate_steps,
+                                               lr=5e-3, desc=f"{u.user}: gates")
+                        key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"seeds:{u.user}".encode()).digest())
+                        pool.add_many(cut_into_pieces(seed.descriptor, weights, gates, s.rank, s.alpha, key))
+                    state["sharers"][u.user] = selected.seed_id or "base"
+                    _write_json(path, state)
+                bar.update(user=u.user)
+        settings = AssemblySettings(top_k=3, shortlist=6, max_len=s.max_len)
+        with progress(len(targets), "assembly from each pool") as bar:
+            for u in targets:
+                if u.user not in state["targets"]:
+                    chosen = selection["per_user"][u.user]["xpert"]
+                    row = {"seed": chosen or "base"}
+                    for label, source in (("base_pool", catalog.base),
+                                          ("seed_pool", catalog.seed_source(chosen) if chosen else catalog.base)):
+                        seed = load_seed(source)
+                        candidates = pool.get([pid for pid, *_ in pool.gates(seed.descriptor.seed_id)])
+                        if not candidates:
+                            row[label] = None
+                            continue
+                        outcome, _ = perpcs(seed, u.history, candidates, settings)
+                        row[label] = {"perplexity": perplexity(seed, u.test, outcome.adapter, max_len=s.max_len),
+                                      "seed_alone": perplexity(seed, u.test, None, max_len=s.max_len),
+                                      "candidates": len(candidates), "seconds": outcome.seconds}
+                    state["targets"][u.user] = row
+                    _write_json(path, state)
+                bar.update(user=u.user)
+    return [{"user": u.user} | state["targets"][u.user] for u in targets]
+
+
+# --- the run and its report -----------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def run_seed_bench(catalog_dir: str | Path, out: str | Path, s: SeedBenchSettings = SeedBenchSettings(),
+                   parts: tuple[str, ...] = ("accuracy", "scaling", "tuning", "pools")) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(asdict(s))):
+        raise ValueError(f"{out} holds a seed bench with other settings; choose another --out or remove it")
+    _write_json(settings_path, asdict(s))
+    catalog = load_catalog(catalog_dir)
+    report: dict = {"catalog": str(catalog.folder), "base": catalog.base, "settings": asdict(s)}
+    report["accuracy"] = accuracy(catalog, s, out)
+    if "scaling" in parts:
+        report["scaling"] = scaling(s, out)
+    if "tuning" in parts:
+        report["tuning"] = never_from_scratch(catalog, report["accuracy"], s, out)
+    if "pools" in parts:
+        report["pools"] = pools(catalog, report["accuracy"], s, out)
+    _write_json(out / "report.json", report)
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def _matrix(title: str, styles: list[int], matrix: list[list[int]]) -> list[str]:
+    head = "| user style | " + " | ".join(f"s{s}" for s in styles) + " | base |"
+    lines = [f"**{title}** (rows: the user's style; columns: the seed chosen)", "", head,
+             "|" + "---|" * (len(styles) + 2)]
+    lines += [f"| s{st} | " + " | ".join(str(n) for n in row) + " |" for st, row in zip(styles, matrix)]
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    acc = report["accuracy"]
+    styles = acc["styles"]
+    parts = ["# bouquet seeds bench", "", f"catalog `{report['catalog']}` · base `{report['base']}` · "
+             f"{acc['users']} users, {report['settings']['history']} history items each", "",
+             "## 1. selection accuracy", "",
+             "| method | accuracy | seconds per user | tokens forward | bytes downloaded | seeds loaded |",
+             "|---|---|---|---|---|---|"]
+    x = acc["xpert"]
+    parts.append(f"| XPerT (explanations) | {x['accuracy']:.1%} | {x['seconds_median']:.1f} | "
+                 f"{report['settings']['history']} answers generated | {x['catalog_bytes']:,} (catalog.json) | 0 |")
+    for m, label in (("exhaustive", "exhaustive search"), ("halving", "successive halving")):
+        r = acc[m]
+        parts.append(f"| {label} | {r['accuracy']:.1%} | {r['seconds_median']:.1f} | {r['tokens_forward']:,.0f} | "
+                     f"{r['bytes_loaded']:,.0f} | {r['seeds_loaded']:.0f} |")
+    parts.append("")
+    target = "**met**" if x["accuracy"] >= 0.95 else "**not met**"
+    parts += [f"Target (XPerT picks the seed of the user's style ≥ 95%): {target} ({x['accuracy']:.1%}).", ""]
+    for m, label in (("xpert", "XPerT"), ("exhaustive", "exhaustive search"), ("halving", "successive halving")):
+        parts += _matrix(label, styles, acc[m]["confusion"])
+    if "scaling" in report:
+        parts += ["## 2. selection cost against catalog size (tiny-model seeds)", "",
+                  "| seeds | XPerT s | XPerT bytes | exhaustive s | exhaustive tokens | exhaustive bytes | "
+                  "halving s | halving tokens | halving bytes |", "|---|---|---|---|---|---|---|---|---|"]
+        parts += [f"| {r['seeds']} | {r['xpert_seconds']:.3f} | {r['xpert_bytes']:,} | {r['exhaustive_seconds']:.2f} | "
+                  f"{r['exhaustive_tokens']:,} | {r['exhaustive_bytes']:,} | {r['halving_seconds']:.2f} | "
+                  f"{r['halving_tokens']:,} | {r['halving_bytes']:,} |" for r in report["scaling"]]
+        first, last = report["scaling"][0], report["scaling"][-1]
+        growth = last["seeds"] / first["seeds"]
+        parts += ["", f"From {first['seeds']} to {last['seeds']} seeds ({growth:.0f}×): XPerT's time "
+                  f"×{last['xpert_seconds'] / first['xpert_seconds']:.2f}, exhaustive search's time "
+                  f"×{last['exhaustive_seconds'] / first['exhaustive_seconds']:.2f} and tokens "
+                  f"×{last['exhaustive_tokens'] / first['exhaustive_tokens']:.2f}.", ""]
+    if "tuning" in report:
+        parts += ["## 3. never from scratch: fine-tuning from the selected seed vs. from the base", "",
+                  "| user | seed | base: loss at 0 → at end | selected: loss at 0 → at end | steps to the base's final "
+                  "loss: base / selected | seconds: base / selected |", "|---|---|---|---|---|---|"]
+        met = True
+        for r in report["tuning"]:
+            b, sel = r["base"]["curve"], r["selected"]["curve"]
+            br, sr = r["base_reaches"], r["selected_reaches"]
+            met &= sr is not None and br is not None and sr[0] <= br[0] / 2
+            parts.append(f"| {r['user']} | {r['seed']} | {b[0][1]:.3f} → {b[-1][1]:.3f} | {sel[0][1]:.3f} → "
+                         f"{sel[-1][1]:.3f} | {br[0] if br else '–'} / {sr[0] if sr else 'never'} | "
+                         f"{br[1] if br else float('nan'):.1f} / {sr[1] if sr else float('nan'):.1f} |")
+        parts += ["", f"Target (the selected seed reaches the base's final held-out loss in at most half the steps): "
+                  f"{'**met**' if met else '**not met**'}.", ""]
+    if "pools" in report:
+        parts += ["## 4. assembling from the selected seed's pool vs. the base's pool", "",
+                  "| user | seed | base alone | assembled from base pool | selected seed alone | assembled from its "
+                  "pool |", "|---|---|---|---|---|---|"]
+        wins = []
+        for r in report["pools"]:
+            b, sp = r.get("base_pool"), r.get("seed_pool")
+            fmt = (lambda v, k: f"{v[k]:.3f}" if v else "–")
+            parts.append(f"| {r['user']} | {r['seed']} | {fmt(b, 'seed_alone')} | {fmt(b, 'perplexity')} | "
+                         f"{fmt(sp, 'seed_alone')} | {fmt(sp, 'perplexity')} |")
+            if b and sp:
+                wins.append(sp["perplexity"] < b["perplexity"])
+        parts += ["", f"Target (assembled from the selected seed's pool beats the base's pool in perplexity): "
+                  f"{'**met**' if wins and all(wins) else '**not met**'} ({sum(wins)}/{len(wins)} users).", ""]
+    return "\n".join(parts) + "\n"

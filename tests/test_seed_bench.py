@@ -1,0 +1,72 @@
+"""`bouquet seeds bench` end to end on tiny-model seeds: the four comparisons, their bookkeeping, resuming."""
+
+import json
+
+import pytest
+
+from participants.lora_training import LoraSettings
+from protocols.seeds import TINY
+from simulation.seed_bench import SeedBenchSettings, bench_users, run_seed_bench
+from simulation.seed_building import build_catalog_from_labels, styleqa_groups, styleqa_probes
+
+SETTINGS = SeedBenchSettings(users_per_style=1, history=4, test=2, ft_steps=3, eval_every=1, styles_for_tuning=2,
+                             sharer_steps=2, gate_steps=1, max_len=48, scaling_sizes=(2, 4))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeds")
+    lora = LoraSettings(rank=4, alpha=8.0, steps=4, lr=0.02, batch_size=2, max_len=48)
+    build_catalog_from_labels(root / "catalog", styleqa_groups(6, styles=(2, 5)), TINY, lora, styleqa_probes(2),
+                              ("expert", "concise", "friendly"), max_new_tokens=6)
+    return root, run_seed_bench(root / "catalog", root / "out", SETTINGS)
+
+
+def test_accuracy_has_a_confusion_matrix_per_method(bench):
+    _, report = bench
+    acc = report["accuracy"]
+    assert acc["styles"] == [2, 5] and acc["users"] == 2
+    for method in ("xpert", "exhaustive", "halving"):
+        assert 0.0 <= acc[method]["accuracy"] <= 1.0
+        assert sum(map(sum, acc[method]["confusion"])) == 2
+    assert acc["exhaustive"]["seeds_loaded"] == 2
+
+
+def test_search_cost_grows_with_the_catalog_and_xpert_loads_no_seed(bench):
+    _, report = bench
+    small, large = report["scaling"]
+    assert (small["seeds"], large["seeds"]) == (2, 4)
+    assert large["exhaustive_tokens"] == 2 * small["exhaustive_tokens"]
+    assert large["exhaustive_bytes"] > small["exhaustive_bytes"] > 0
+    assert large["xpert_bytes"] > small["xpert_bytes"]  # one more explanation per seed, no weights
+
+
+def test_tuning_curves_and_pools_are_reported_per_user(bench):
+    root, report = bench
+    for row in report["tuning"]:
+        assert [step for step, *_ in row["base"]["curve"]] == [0, 1, 2, 3]
+        assert row["target_loss"] == row["base"]["curve"][-1][1]
+        assert row["base_reaches"] is not None  # the base reaches its own final loss by the end
+    for row in report["pools"]:
+        assert row["base_pool"]["perplexity"] > 0
+    md = (root / "out" / "report.md").read_text()
+    for heading in ("selection accuracy", "catalog size", "never from scratch", "base's pool"):
+        assert heading in md
+
+
+def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
+    root, _ = bench
+    before = {p.name: p.read_text() for p in (root / "out").glob("*.json*") if p.name != "report.json"}
+    run_seed_bench(root / "catalog", root / "out", SETTINGS)
+    assert {p: (root / "out" / p).read_text() for p in before} == before
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="other settings"):
+        run_seed_bench(root / "catalog", root / "out", replace(SETTINGS, ft_steps=4))
+
+
+def test_bench_users_never_touch_the_rows_seeds_are_built_from():
+    seeds = {r.input for rows in styleqa_groups(64, styles=(3,)).values() for r in rows}
+    users = bench_users([3], SeedBenchSettings(), 4)
+    assert not seeds & {r.input for u in users for r in u.history + u.test}
+    assert len({r.input for u in users for r in u.history}) == 4 * 16
