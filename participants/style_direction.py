@@ -32,6 +32,7 @@ class Selection:
     distance: float  # L1 distance to the nearest seed (inf for an empty catalog)
     distances: dict[str, float]
     reason: str
+    direction: np.ndarray | None = None  # the own style direction the explanation was decomposed from
 
 
 def difference_direction(own_texts: list[str], reference_texts: list[str]) -> np.ndarray:
@@ -63,10 +64,15 @@ def own_style(seed: LoadedSeed, records: list[PersonalRecord], basis: AttributeB
     Own answers are cut to the same `max_new_tokens` tokens that the base answers (and the seeds' probe
     answers) get, so that a difference in length cut-off does not pass for a difference in style.
     """
+    return decompose(own_direction(seed, records, max_new_tokens), basis)
+
+
+def own_direction(seed: LoadedSeed, records: list[PersonalRecord], max_new_tokens: int = 48) -> np.ndarray:
+    """The difference between the own answers (cut to `max_new_tokens`) and the base's, in MiniLM space."""
     base_answers = generate(seed, records, max_new_tokens=max_new_tokens)
     tok = seed.tokenizer
     own = [tok.decode(tok(r.output, add_special_tokens=False)["input_ids"][:max_new_tokens]).strip() for r in records]
-    return decompose(difference_direction(own, base_answers), basis)
+    return difference_direction(own, base_answers)
 
 
 def select_seed(own: Explanation, catalog: dict[str, Explanation], words: Sequence[str],
@@ -92,5 +98,8 @@ def choose_from_catalog(base: LoadedSeed, records: list[PersonalRecord], catalog
     if base.descriptor.content_hash != catalog.base_hash:
         raise ValueError(f"the catalog explains seeds of base {catalog.base!r} ({catalog.base_hash[:12]}…), but this "
                          f"device runs {base.descriptor.seed_id!r} ({base.descriptor.content_hash[:12]}…)")
-    own = own_style(base, records, catalog.basis, max_new_tokens=catalog.max_new_tokens)
-    return select_seed(own, catalog.explanations(), catalog.words, max_distance), own
+    direction = own_direction(base, records, max_new_tokens=catalog.max_new_tokens)
+    own = decompose(direction, catalog.basis)
+    selection = select_seed(own, catalog.explanations(), catalog.words, max_distance)
+    selection.direction = direction
+    return selection, own

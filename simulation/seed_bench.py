@@ -129,7 +129,8 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
                 row = {"user": u.user, "style": int(u.user.split("-")[0][5:]),
                        "xpert": {"seed": selection.seed_id, "seconds": xpert_s, "reason": selection.reason,
                                  "distances": selection.distances, "residual": own.residual,
-                                 "tokens_generated": len(u.history) * catalog.max_new_tokens},
+                                 "tokens_generated": len(u.history) * catalog.max_new_tokens,
+                                 "direction": [float(v) for v in selection.direction]},
                        "exhaustive": _search_row(full, sources), "halving": _search_row(halving, sources)}
                 with path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")

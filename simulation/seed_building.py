@@ -362,6 +362,9 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                 del seed
                 if forget is not None:
                     forget(source)
+            # kept beside the seed (not in catalog.json, which devices download) to re-explain it without generating
+            (folder / "probe_answers.json").write_text(json.dumps({"probes": probes, "seed": answers,
+                                                                  "base": base_answers}, indent=1))
             explanation = explain_seed(answers, base_answers, catalog.basis, embed)
             delta_bytes = sum(f.stat().st_size for f in (folder / DELTA_DIR).glob("*.safetensors"))
             catalog.upsert(CatalogEntry(job.name, materialize(source).content_hash, explanation, job.built_from,

@@ -84,7 +84,7 @@ def test_a_two_seed_catalog_is_written_hashed_and_explained(built):
     base_answers = generate(base, [PersonalRecord("p", p, "") for p in PROBES], max_new_tokens=8)
     for entry in back.entries:
         folder = back.seed_folder(entry.name)
-        assert {f.name for f in folder.iterdir()} == {"seed.json", "delta"}
+        assert {f.name for f in folder.iterdir()} == {"seed.json", "delta", "probe_answers.json"}
         assert not list(folder.parent.glob("*.tmp*")), "nothing half-written is left behind"
         desc = materialize(back.seed_source(entry.name))
         assert desc.content_hash == entry.content_hash and desc.path == base.descriptor.path
