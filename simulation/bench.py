@@ -6,6 +6,11 @@ nearest sharer's whole adapter, random pieces, Per-Pcs, Per-Pcs then a short fin
 its held-out items for quality and on the method's own work for cost. No Flower here: this compares
 methods, `bouquet simulate` covers the federated loop. Every finished (target, method) and sweep
 point is one line of results.jsonl, so a rerun with the same --out picks up where the last stopped.
+
+With a seed catalog (--catalog) the run follows the federated flow: every sharer and target first picks
+its seed on its own history (XPerT against the base, selections.json), sharers train on their seed and
+share into its pool, and each target gets every method on its own seed, with that seed's sharers and
+pieces. Seeds are taken one at a time (the catalog seeds, then the base) and dropped when done.
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ from participants.gate_training import train_gates
 from participants.lora_training import LoraSettings, train_private_lora
 from participants.profile import embed_texts
 from participants.progress import log, progress
-from participants.seed_loading import LoadedSeed, load_seed
+from participants.seed_loading import LoadedSeed, forget_seed, is_loaded, load_seed
+from participants.style_direction import choose_from_catalog
+from protocols.catalog import Catalog, load_catalog
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord
+from protocols.seeds import materialize
 from simulation.bench_report import write_report
 from simulation.bench_settings import METHODS, BenchSettings, check_run_dir, is_styleqa
 from simulation.datasets import STYLEQA_STYLES, UserData, load_users
 from simulation.fidelity import FidelityJudge, style_label
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray]]
+BASE = "base"  # the label of --seed-model in selections and rows
 
 
 def split_users(s: BenchSettings) -> tuple[list[UserData], list[UserData]]:
@@ -176,6 +185,7 @@ class Bench:
     pool_pieces: list[Piece]  # everything the pool holds for the seed
     sharer_pieces: dict[str, list[Piece]]  # each sharer's full adapter
     sharer_profiles: dict[str, np.ndarray]
+    label: str = BASE  # the seed's catalog name, or "base"
 
     def adapter_dir(self, target: str, method: str) -> Path:
         return self.out / "adapters" / target / method
@@ -371,40 +381,165 @@ def _hardware(seed: LoadedSeed) -> str:
     return f"{where}, {seed.dtype}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def open_catalog(s: BenchSettings) -> Catalog | None:
+    """The run's seed catalog, or None without one; refused when it explains seeds of another base."""
+    if not s.catalog:
+        return None
+    catalog = load_catalog(s.catalog)
+    mine = materialize(s.seed_model).content_hash
+    if mine != catalog.base_hash:
+        raise ValueError(f"the catalog at {s.catalog} is built on {catalog.base!r} (weights "
+                         f"{catalog.base_hash[:12]}…), not on --seed-model {s.seed_model!r} ({mine[:12]}…): its "
+                         f"seeds are deltas over that base; run with --seed-model {catalog.base}")
+    return catalog
+
+
+def choose_seeds(base: LoadedSeed, catalog: Catalog, users: list[tuple[str, UserData]], out: Path) -> dict[str, dict]:
+    """Every participant's own choice, before anything else: XPerT on its history against the base, the nearest
+    catalog seed. `users` are (role, user). Kept in out/selections.json, one user at a time, so a rerun
+    chooses only for those not done; refused when the catalog's seeds changed since."""
+    path = out / "selections.json"
+    fingerprint = {"base_hash": catalog.base_hash, "seeds": {e.name: e.content_hash for e in catalog.entries}}
+    saved = json.loads(path.read_text()) if path.exists() else {"catalog": fingerprint, "users": {}}
+    if saved["catalog"] != fingerprint:
+        raise ValueError(f"the catalog at {catalog.folder} has other seeds than when {path} was written; "
+                         f"choose another --out")
+    chosen = saved["users"]
+    with progress(len(users), "seed choice") as bar:
+        for role, u in users:
+            if u.user not in chosen:
+                start = time.perf_counter()
+                selection, _ = choose_from_catalog(base, u.history, catalog)
+                chosen[u.user] = {"role": role, "seed": selection.seed_id or BASE,
+                                  "distance": selection.distance if math.isfinite(selection.distance) else None,
+                                  "reason": selection.reason, "seconds": time.perf_counter() - start}
+                _write_json(path, saved)
+            bar.update(user=u.user)
+    return {u.user: chosen[u.user] for _, u in users}
+
+
+@dataclass
+class SeedGroup:
+    """One seed in use and the participants on it, in the run's order."""
+    label: str  # catalog seed name, or "base"
+    source: str  # what load_seed takes
+    sharers: list[UserData] = field(default_factory=list)
+    targets: list[tuple[int, UserData]] = field(default_factory=list)  # (index among all targets, user)
+
+
+def seed_groups(s: BenchSettings, catalog: Catalog | None, sharers: list[UserData], targets: list[UserData],
+                selections: dict[str, dict]) -> list[SeedGroup]:
+    """The seeds in use, catalog seeds by name first and the base last (targets may fall back to it)."""
+    base = SeedGroup(BASE, s.seed_model)
+    groups: dict[str, SeedGroup] = {}
+
+    def group(user: str) -> SeedGroup:
+        label = selections[user]["seed"] if catalog is not None else BASE
+        if label == BASE:
+            return base
+        return groups.setdefault(label, SeedGroup(label, catalog.seed_source(label)))
+
+    for u in sharers:
+        group(u.user).sharers.append(u)
+    for index, t in enumerate(targets):
+        group(t.user).targets.append((index, t))
+    return [groups[k] for k in sorted(groups)] + [base]
+
+
+def _share(g: SeedGroup, s: BenchSettings, out: Path, pool: PiecePool, stats: dict) -> tuple[dict, list[Piece]]:
+    """Register the group's seed with the pool, let its sharers not done yet train and share (loading the seed
+    only then), and return the sharers' stats and everything the pool holds for the seed."""
+    desc = materialize(g.source)
+    pool.register_seed(RegisteredSeed(desc.seed_id, desc.content_hash, seed_shapes(desc.path)))
+    if any(u.user not in stats for u in g.sharers):
+        stats = prepare_sharers(load_seed(g.source), s, g.sharers, out, pool)
+    return stats, pool.get([pid for pid, *_ in pool.gates(desc.seed_id)])
+
+
+def _bench(g: SeedGroup, s: BenchSettings, out: Path, pool_pieces: list[Piece]) -> Bench:
+    return Bench(load_seed(g.source), s, out, [u.user for u in g.sharers], pool_pieces,
+                 {u.user: device_pieces(out, u.user) for u in g.sharers},
+                 {u.user: _profile(u.history) for u in g.sharers}, g.label)
+
+
+def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results, judge: FidelityJudge,
+                 bar) -> None:
+    for index, target in targets:
+        for method in METHODS:
+            if ("method", target.user, method) not in results.done:
+                outcome = RUNNERS[method](b, target, index)
+                results.append({"kind": "method", "target": target.user, "method": method, "seed": b.label}
+                               | outcome.costs() | quality(b, target, outcome.adapter, judge)
+                               | {"detail": outcome.detail, "judge": judge.version})
+            bar.update(target=target.user, method=method)
+
+
 def run_bench(s: BenchSettings, out: str | Path) -> dict:
     """Run (or resume) the benchmark in `out`; write results.jsonl, report.json, report.md and plots."""
     out = Path(out)
+    catalog = open_catalog(s)
     sharers, targets = split_users(s)
     check_run_dir(out, s)
-    seed = load_seed(s.seed_model)
-    desc = seed.descriptor
-    with PiecePool(out / "pool") as pool:
-        pool.register_seed(RegisteredSeed(desc.seed_id, desc.content_hash, seed_shapes(desc.path)))
-        stats = prepare_sharers(seed, s, sharers, out, pool)
-        pool_pieces = pool.get([pid for pid, *_ in pool.gates(desc.seed_id)])
-    if not pool_pieces:
-        raise ValueError(f"the pool at {out / 'pool'} holds no pieces for {desc.seed_id}: every share was refused")
-    b = Bench(seed, s, out, [u.user for u in sharers], pool_pieces,
-              {u.user: device_pieces(out, u.user) for u in sharers},
-              {u.user: _profile(u.history) for u in sharers})
-    clip = token_clip(seed.tokenizer, s.max_new_tokens)
+    base = load_seed(s.seed_model)
+    clip = token_clip(base.tokenizer, s.max_new_tokens)
     judge = FidelityJudge(sharers + targets, clip=clip)
-    ceiling = float(np.mean([judge.fidelity(t.user, [clip(r.output) for r in t.test]) for t in targets]))
     results = Results(out / "results.jsonl")
     results.rejudge(judge)
-    with progress(len(targets) * len(METHODS), "bench") as bar:
-        for index, target in enumerate(targets):
-            for method in METHODS:
-                if ("method", target.user, method) not in results.done:
-                    outcome = RUNNERS[method](b, target, index)
-                    results.append({"kind": "method", "target": target.user, "method": method} | outcome.costs()
-                                   | quality(b, target, outcome.adapter, judge) | {"detail": outcome.detail, "judge": judge.version})
-                bar.update(target=target.user, method=method)
+    selections = {} if catalog is None else choose_seeds(
+        base, catalog, [("sharer", u) for u in sharers] + [("target", t) for t in targets], out)
+    path = out / "sharers.json"
+    stats: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    ran_on: dict[str, str] = {}  # target -> the seed its rows use (and why, for a fallback), or why it has none
+    pool_by_seed: dict[str, int] = {}
+    base_bench = None  # the sweeps run on it (they are refused with a catalog)
+    with PiecePool(out / "pool") as pool, progress(len(targets) * len(METHODS), "bench") as bar:
+        stranded: list[tuple[int, UserData]] = []  # targets whose own seed got no pieces: they go to the base
+        for g in seed_groups(s, catalog, sharers, targets, selections):
+            if g.label == BASE:
+                g.targets = sorted(g.targets + stranded, key=lambda it: it[0])
+            held = is_loaded(g.source)
+            stats, pool_pieces = _share(g, s, out, pool, stats)
+            pool_by_seed[g.label] = len(pool_pieces)
+            if pool_pieces:
+                for _, t in g.targets:
+                    ran_on.setdefault(t.user, g.label)
+                missing = any(("method", t.user, m) not in results.done for _, t in g.targets for m in METHODS)
+                b = _bench(g, s, out, pool_pieces) if missing or (g.label == BASE and s.sweep) else None
+                if b is not None:
+                    _run_targets(b, g.targets, results, judge, bar)
+                else:
+                    bar.update(len(g.targets) * len(METHODS))
+                if g.label == BASE:
+                    base_bench = b
+                b = None
+            elif catalog is None:
+                raise ValueError(f"the pool at {out / 'pool'} holds no pieces for {s.seed_model}: every share "
+                                 f"was refused")
+            elif g.label != BASE:
+                for _, t in g.targets:
+                    ran_on[t.user] = f"{BASE} (fallback: no pieces on {g.label})"
+                    log.warning("%s: no pieces on its seed %s; it falls back to the base", t.user, g.label)
+                stranded += g.targets
+            else:
+                for _, t in g.targets:
+                    ran_on[t.user] = "skipped: no pieces on its seed nor on the base"
+                    log.warning("%s: no pieces on its seed nor on the base; it is left out", t.user)
+                bar.update(len(g.targets) * len(METHODS))
+            if not held:
+                forget_seed(g.source)  # one catalog seed in memory at a time
+    evaluated = [t for t in targets if not ran_on[t.user].startswith("skipped")]
+    if not evaluated:
+        raise ValueError(f"no target could be evaluated: every target's seed, and the base, got no pieces "
+                         f"(pieces per seed: {pool_by_seed}); use more --sharers")
     points = [(name, v) for name in s.sweep for v in sweep_values(name, s)]
     with progress(len(points), "sweeps") as bar:
         for name, value in points:
             if ("sweep", name, value) not in results.done:
-                results.append(sweep_point(b, name, value, targets))
+                results.append(sweep_point(base_bench, name, value, targets))
             bar.update(sweep=name, value=value)
-    return write_report(out, s, desc.seed_id, _hardware(seed), stats, [t.user for t in targets], results.rows,
-                        fidelity_ceiling=ceiling)
+    ceiling = float(np.mean([judge.fidelity(t.user, [clip(r.output) for r in t.test]) for t in evaluated]))
+    seeds = None if catalog is None else {
+        "catalog": s.catalog, "pool_pieces": pool_by_seed,
+        "participants": {u: sel | ({"ran_on": ran_on[u]} if u in ran_on else {}) for u, sel in selections.items()}}
+    return write_report(out, s, base.descriptor.seed_id, _hardware(base), stats, [t.user for t in evaluated],
+                        results.rows, fidelity_ceiling=ceiling, seeds=seeds)

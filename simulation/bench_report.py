@@ -148,7 +148,8 @@ def _markdown(report: dict) -> str:
                    f"{np.mean([v['train_seconds'] for v in sharers]):.1f} s, "
                    f"{np.mean([v['train_tokens'] for v in sharers]):,.0f} tokens (LoRA and gates, forward and "
                    f"backward).")
-    parts = ["# bouquet bench", "", f"data `{s['data']}` · seed `{report['seed']}` · {report['hardware']}  ", run, "",
+    seed = f"seed `{report['seed']}`" + (f" + catalog `{s['catalog']}`" if s.get("catalog") else "")
+    parts = ["# bouquet bench", "", f"data `{s['data']}` · {seed} · {report['hardware']}  ", run, "",
              markdown_table(report), "", NOTES, ""]
     if report.get("fidelity_ceiling") is not None:
         parts += [f"Fidelity ceiling: the judge names the right label for {report['fidelity_ceiling']:.2f} of the "
@@ -157,6 +158,8 @@ def _markdown(report: dict) -> str:
     for t in report["targets"]:
         mark = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
         parts.append(f"- {mark}: {t['target']} ({t['evidence']})")
+    if report.get("seeds"):
+        parts += ["", *_seed_choice(report["seeds"])]
     for name, points in report["sweeps"].items():
         parts += ["", f"## sweep: {name}", "",
                   f"| {name} | perpcs perplexity | pool pieces | tokens fwd | downloaded |", "|---|---|---|---|---|"]
@@ -164,6 +167,21 @@ def _markdown(report: dict) -> str:
                   f"{_bytes(p['bytes_downloaded'])} |" for p in points]
     parts += ["", "## plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
     return "\n".join(parts) + "\n"
+
+
+def _seed_choice(seeds: dict) -> list[str]:
+    """Who picked which catalog seed, how near it was, and which seed its rows ran on."""
+    pieces = ", ".join(f"{name} {n}" for name, n in seeds["pool_pieces"].items())
+    lines = ["## seed choice", "",
+             f"Catalog `{seeds['catalog']}`. Before anything else every participant picked its seed on its own "
+             f"history (its style against the base's answers, in the catalog's words; the nearest seed in L1). "
+             f"Sharers trained on their seed and shared into its pool; every method of a target ran on the "
+             f"target's seed, or on the base when no sharer's pieces were there. Pool pieces per seed: {pieces}.",
+             "", "| user | role | chosen seed | L1 | ran on |", "|---|---|---|---|---|"]
+    for user, sel in sorted(seeds["participants"].items(), key=lambda it: (it[1]["role"], it[0])):
+        l1 = "–" if sel["distance"] is None else f"{sel['distance']:.2f}"
+        lines.append(f"| {user} | {sel['role']} | {sel['seed']} | {l1} | {sel.get('ran_on', sel['seed'])} |")
+    return lines
 
 
 # --- plots --------------------------------------------------------------------------------------------------
@@ -222,19 +240,21 @@ def _save(fig, path: Path) -> str:
 
 
 def write_report(out: Path, s: BenchSettings, seed: str, hardware: str, sharers: dict[str, dict],
-                 targets: list[str], rows: list[dict], fidelity_ceiling: float | None = None) -> dict:
+                 targets: list[str], rows: list[dict], fidelity_ceiling: float | None = None,
+                 seeds: dict | None = None) -> dict:
     """Write report.json, report.md and the plots into `out`; return the report.
 
     `fidelity_ceiling` is the judge's score on the targets' own held-out answers (clipped to the generation
     budget): what a method that wrote exactly like the target would get, so fidelity figures can be read
-    against it rather than against 1.
+    against it rather than against 1. `seeds` (a run with a catalog): the catalog, the pieces per seed and each
+    participant's selection, with the seed a target's rows ran on.
     """
     means = method_means(rows)
     recovery, ratios = gain_recovery(means), cost_ratios(means)
     report = {"settings": s.to_json(), "seed": seed, "hardware": hardware, "sharers": sharers,
               "targets_users": targets, "means": means, "gain_recovery": recovery, "cost_ratios": ratios,
               "targets": check_targets(means, recovery, ratios), "sweeps": sweep_table(rows), "rows": rows,
-              "fidelity_ceiling": fidelity_ceiling}
+              "fidelity_ceiling": fidelity_ceiling, "seeds": seeds}
     report["plots"] = _plots(out, report, rows)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(_markdown(report))

@@ -52,6 +52,7 @@ class BenchSettings:
     max_new_tokens: int = 40
     sweep: tuple[str, ...] = ()
     random_seed: int = 0
+    catalog: str = ""  # a seed catalog folder: every participant picks its seed first; "" = all on seed_model
 
     def __post_init__(self) -> None:
         if self.ft_steps is None:
@@ -69,6 +70,9 @@ class BenchSettings:
         unknown = sorted(set(self.sweep) - set(SWEEPS))
         if unknown:
             raise ValueError(f"unknown sweep {', '.join(unknown)}: choose among {', '.join(SWEEPS)}")
+        if self.catalog and self.sweep:
+            raise ValueError("--sweep runs on one seed and its pool; with --catalog the targets are spread over "
+                             "several seeds: run the sweeps without --catalog")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -99,7 +103,7 @@ def check_run_dir(out: Path, settings: BenchSettings) -> None:
     path = out / "settings.json"
     mine = settings.to_json()
     if path.exists():
-        theirs = json.loads(path.read_text())
+        theirs = BenchSettings().to_json() | json.loads(path.read_text())  # settings added since: their defaults
         differ = sorted(k for k in mine.keys() | theirs.keys() if k != "sweep" and mine.get(k) != theirs.get(k))
         if differ:
             changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)

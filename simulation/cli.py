@@ -143,6 +143,8 @@ def _add_bench(sub) -> None:
     opt("--shortlist", int, "pieces per position a target downloads after scoring gates")
     opt("--max-new-tokens", int, "greedy generation length")
     opt("--random-seed", int, "seed of the user split, the shares and the training")
+    opt("--catalog", str, "a seed catalog folder (`bouquet seeds build`, built on --seed-model): every sharer and "
+        "target first picks its seed on its own history, and each target's methods run on its seed", default="none")
     p.add_argument("--sweep", default=None, help=f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity "
                                                  f"as each changes (default none)")
     p.set_defaults(func=cmd_bench)

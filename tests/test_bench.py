@@ -1,14 +1,18 @@
 """`bouquet bench` end to end on the tiny seed: every method per target, the report, resuming, and
-a fidelity classifier that never sees held-out items."""
+a fidelity classifier that never sees held-out items; with a seed catalog, every participant's own seed."""
 
 import json
 import math
 from dataclasses import replace
 
 import pytest
+from conftest import tiny_catalog
 
+from coordinator.pool import PiecePool
+from participants.seed_loading import is_loaded
 from protocols.records import PersonalRecord, save_records
-from simulation.bench import run_bench, split_users, sweep_values
+from simulation import bench as bench_module
+from simulation.bench import device_pieces, run_bench, split_users, sweep_values
 from simulation.bench_settings import METHODS, BenchSettings, resolve_settings
 from simulation.datasets import UserData
 from simulation.fidelity import style_label, training_set
@@ -16,15 +20,19 @@ from simulation.fidelity import style_label, training_set
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
+def tiny_settings(root, **changes) -> BenchSettings:
     recs = [PersonalRecord(f"user{u}", f"tell me about item {i}", f"{s} item {i} is fine {s}")
             for u, s in enumerate(STYLES) for i in range(9)]
     save_records(recs, root / "data.jsonl")
-    settings = resolve_settings(data=str(root / "data.jsonl"), seed_model="tiny-random", sharers=3, targets=2,
-                                history=6, test=3, steps=4, gate_steps=2, rank=4, alpha=8.0, max_len=48,
-                                max_new_tokens=4, sweep=("topk", "history"))
+    return resolve_settings(data=str(root / "data.jsonl"), seed_model="tiny-random", sharers=3, targets=2,
+                            history=6, test=3, steps=4, gate_steps=2, rank=4, alpha=8.0, max_len=48,
+                            max_new_tokens=4, **changes)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    settings = tiny_settings(root, sweep=("topk", "history"))
     out = root / "out"
     return out, settings, run_bench(settings, out)
 
@@ -126,3 +134,139 @@ def test_presets_fill_in_and_flags_override():
                          ({"rho": 0.0}, "rho"), ({"targets": 0}, "targets")]:
         with pytest.raises(ValueError, match=message):
             resolve_settings(**bad)
+
+
+# --- with a seed catalog ------------------------------------------------------------------------------------
+
+
+class Forced:
+    """The real on-device choice (XPerT against the base) runs for everyone, then the test overrides the seed it
+    picks (None = the base), so that one run covers a catalog seed, a kept base, and a fallback. It also counts
+    the choices made and the seeds loaded, in order."""
+
+    def __init__(self, monkeypatch, seeds: dict[str, str | None]):
+        self.seeds, self.events = seeds, []  # ("choose", user) and ("load", source), in order
+        choose, load = bench_module.choose_from_catalog, bench_module.load_seed
+
+        def forced_choice(base, records, catalog, max_distance=math.inf):
+            selection, own = choose(base, records, catalog, max_distance)
+            self.events.append(("choose", records[0].user))
+            name = self.seeds[records[0].user]
+            return replace(selection, seed_id=name, distance=selection.distances[name] if name else math.inf), own
+
+        def counted_load(source, *args, **kwargs):
+            self.events.append(("load", source))
+            return load(source, *args, **kwargs)
+
+        monkeypatch.setattr(bench_module, "choose_from_catalog", forced_choice)
+        monkeypatch.setattr(bench_module, "load_seed", counted_load)
+
+    @property
+    def chosen(self) -> list[str]:
+        return [what for kind, what in self.events if kind == "choose"]
+
+    @property
+    def loaded(self) -> list[str]:
+        return [what for kind, what in self.events if kind == "load"]
+
+
+def catalog_run(root, picks):
+    """A catalog bench where sharers and targets pick the seeds `picks` names by role and position."""
+    catalog = tiny_catalog(root / "catalog")
+    settings = tiny_settings(root, catalog=str(catalog.folder))
+    sharers, targets = split_users(settings)
+    seeds = dict(zip([u.user for u in sharers + targets], picks["sharers"] + picks["targets"], strict=True))
+    with pytest.MonkeyPatch.context() as mp:
+        forced = Forced(mp, seeds)
+        report = run_bench(settings, root / "out")
+    return root / "out", settings, catalog, sharers, targets, report, forced
+
+
+@pytest.fixture(scope="module")
+def with_catalog(tmp_path_factory):
+    # the second target picks "formal", which no sharer picked: it falls back to the base (the third sharer's)
+    return catalog_run(tmp_path_factory.mktemp("catalog"),
+                       {"sharers": ["zappy", "zappy", None], "targets": ["zappy", "formal"]})
+
+
+def test_with_a_catalog_every_participant_picks_its_seed_first(with_catalog):
+    out, _, _, sharers, targets, report, forced = with_catalog
+    users = [u.user for u in sharers + targets]
+    saved = json.loads((out / "selections.json").read_text())
+    assert sorted(saved["users"]) == sorted(users) == sorted(forced.chosen)
+    assert [saved["users"][u]["seed"] for u in users] == ["zappy", "zappy", "base", "zappy", "formal"]
+    assert [saved["users"][u]["role"] for u in users] == ["sharer"] * 3 + ["target"] * 2
+    for sel in saved["users"].values():
+        assert "your data reads as" in sel["reason"] and sel["seconds"] > 0
+        assert (sel["distance"] is None) == (sel["seed"] == "base")
+    assert report["seeds"]["participants"].keys() == set(users)
+    md = (out / "report.md").read_text()
+    assert "## seed choice" in md and all(f"| {u} |" in md for u in users)
+    last_choice = max(i for i, (kind, _) in enumerate(forced.events) if kind == "choose")
+    first_catalog_load = min(i for i, (kind, what) in enumerate(forced.events)
+                             if kind == "load" and what != "tiny-random")
+    assert last_choice < first_catalog_load  # everyone chose before any catalog seed was loaded
+
+
+def test_sharers_share_into_the_pool_of_their_seed(with_catalog):
+    out, _, catalog, sharers, _, report, _ = with_catalog
+    zappy, formal = catalog.seed_source("zappy"), catalog.seed_source("formal")
+    with PiecePool(out / "pool") as pool:
+        in_pool = {source: {pid for pid, *_ in pool.gates(source)} for source in (zappy, formal, "tiny-random")}
+    for u, source in zip(sharers, [zappy, zappy, "tiny-random"], strict=True):
+        pieces = device_pieces(out, u.user)
+        assert {p.seed_id for p in pieces} == {source}
+        assert {p.piece_id for p in pieces} <= in_pool[source]  # rho 1: every piece is shared
+    assert in_pool[formal] == set()
+    assert report["seeds"]["pool_pieces"] == {"zappy": len(in_pool[zappy]), "formal": 0,
+                                              "base": len(in_pool["tiny-random"])}
+
+
+def test_a_targets_methods_run_on_its_seed_or_fall_back_to_the_base(with_catalog):
+    out, _, catalog, sharers, targets, report, forced = with_catalog
+    rows = method_rows(report)
+    assert all("seed" in r for r in report["rows"])
+    on_zappy, stranded = targets
+    assert {(r["method"], r["seed"]) for r in rows if r["target"] == on_zappy.user} == {(m, "zappy") for m in METHODS}
+    assert {(r["method"], r["seed"]) for r in rows if r["target"] == stranded.user} == {(m, "base") for m in METHODS}
+    # retrieval looks only among the sharers of the target's seed
+    nearest = {r["target"]: r["detail"]["sharer"] for r in rows if r["method"] == "retrieval"}
+    assert nearest == {on_zappy.user: nearest[on_zappy.user], stranded.user: sharers[2].user}
+    assert nearest[on_zappy.user] in (sharers[0].user, sharers[1].user)
+    oppu = json.loads((out / "adapters" / on_zappy.user / "oppu" / "adapter_config.json").read_text())
+    assert oppu["base_model_name_or_path"] == catalog.seed_source("zappy")
+    parts = report["seeds"]["participants"]
+    assert parts[on_zappy.user]["ran_on"] == "zappy"
+    assert parts[stranded.user]["ran_on"] == "base (fallback: no pieces on formal)"
+    assert not is_loaded(catalog.seed_source("zappy"))  # dropped once its targets were done
+    assert forced.loaded.count(catalog.seed_source("zappy")) == 2  # its sharers, then its targets
+
+
+def test_a_catalog_rerun_chooses_and_computes_nothing_again(with_catalog):
+    out, settings, *_, forced = with_catalog
+    before = {name: (out / name).read_text() for name in ("results.jsonl", "selections.json", "sharers.json")}
+    with pytest.MonkeyPatch.context() as mp:
+        again = Forced(mp, forced.seeds)
+        run_bench(settings, out)
+    assert {name: (out / name).read_text() for name in before} == before
+    assert again.chosen == [] and again.loaded == ["tiny-random"]  # no catalog seed is even loaded
+
+
+def test_a_target_with_no_pieces_on_its_seed_nor_the_base_is_left_out(tmp_path):
+    out, _, _, _, targets, report, _ = catalog_run(
+        tmp_path, {"sharers": ["zappy"] * 3, "targets": ["formal", "zappy"]})
+    assert report["targets_users"] == [targets[1].user]
+    assert {r["target"] for r in method_rows(report)} == {targets[1].user}
+    assert report["seeds"]["participants"][targets[0].user]["ran_on"].startswith("skipped")
+
+
+def test_a_catalog_of_another_base_and_sweeps_with_a_catalog_are_refused(with_catalog, tmp_path):
+    _, settings, catalog, *_ = with_catalog
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "catalog.json").write_text(json.dumps(catalog.to_dict() | {"base_hash": "0" * 64}))
+    with pytest.raises(ValueError, match=r"built on 'tiny-random' \(weights 000000000000…\), not on --seed-model"):
+        run_bench(replace(settings, catalog=str(other)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="without --catalog"):
+        replace(settings, sweep=("rho",))
