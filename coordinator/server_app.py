@@ -43,6 +43,7 @@ class RoundReport:
     pool_pieces: int = 0
     selections: dict[str, dict] = field(default_factory=dict)  # user -> chosen seed, distance, reason
     pool_by_seed: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, dict] = field(default_factory=dict)  # node -> the seed it wanted, the one it used
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -82,9 +83,10 @@ def _register(pool: PiecePool, source: str) -> str:
 
 
 def choose_seeds(grid: Grid, nodes: list[int], settings: RunSettings, report: RoundReport,
-                 pool: PiecePool) -> dict[int, str]:
+                 pool: PiecePool) -> tuple[dict[int, str], dict[int, list[str]]]:
     """Send the catalog (explanations only, no weights) to every node; each answers with the seed it picked on
-    its own data. Returns node -> seed source; a node that does not answer keeps the base."""
+    its own data and the catalog's seeds from nearest to farthest. Returns node -> seed source (a node that does
+    not answer keeps the base) and node -> seed sources in the node's order of preference."""
     catalog = load_catalog(settings.catalog)
     base = materialize(settings.seed)
     if catalog.base_hash != base.content_hash:
@@ -94,14 +96,16 @@ def choose_seeds(grid: Grid, nodes: list[int], settings: RunSettings, report: Ro
                           M.CATALOG: ConfigRecord({"json": json.dumps(catalog.to_dict())})})
     replies = _send(grid, M.STYLE, {n: content for n in nodes}, settings.timeout, report, "style")
     chosen = {n: settings.seed for n in nodes}
+    preferences: dict[int, list[str]] = {}
     for nid, rep in replies.items():
         sel = rep.content[M.SELECTION]
         name = str(sel["seed"])
         if name:
             chosen[nid] = _register(pool, catalog.seed_source(name))
+        preferences[nid] = [catalog.seed_source(str(n)) for n in sel.get("ranking", [])]
         report.selections[str(sel["user"])] = {"seed": name or "base", "distance": float(sel["distance"]),
                                                "reason": str(sel["reason"])} | dict(rep.content[M.METRICS])
-    return chosen
+    return chosen, preferences
 
 
 def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
@@ -118,7 +122,8 @@ def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
     log.info("%d nodes connected", len(nodes))
 
     # 0. with a catalog, every participant picks its seed first; pieces then go to that seed's pool
-    node_seed = choose_seeds(grid, nodes, settings, report, pool) if settings.catalog else {n: base_id for n in nodes}
+    node_seed, preferences = (choose_seeds(grid, nodes, settings, report, pool) if settings.catalog
+                              else ({n: base_id for n in nodes}, {}))
     report.seconds["seed-choice"] = time.perf_counter() - t0
 
     def cfg_for(node: int) -> ConfigRecord:
@@ -157,14 +162,24 @@ def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
     report.seconds["share"] = time.perf_counter() - t1
     log.info("pool holds %s pieces per seed (%d refused)", report.pool_by_seed, len(report.refused))
 
-    # 3. newcomers: gates of their seed's pool first, then only the pieces they asked for. A newcomer whose
-    # seed has no pieces yet falls back to the base and its pool (pieces fit only their own seed).
+    # 3. newcomers: gates of their seed's pool first, then only the pieces they asked for. Pieces fit only their
+    # own seed, so a newcomer whose seed has no pieces yet moves to the nearest seed (in its own ranking) that has
+    # some, then to the base; one with nowhere to go is reported and left out.
     t2 = time.perf_counter()
+    placed = []
     for n in newcomers:
-        if node_seed.get(n, base_id) != base_id and not report.pool_by_seed.get(node_seed[n]):
-            log.warning("node %s: no pieces for its seed %s yet; it assembles on the base", n, node_seed[n])
-            node_seed[n] = base_id
-    newcomers = [n for n in newcomers if report.pool_by_seed.get(node_seed.get(n, base_id))]
+        wanted = node_seed.get(n, base_id)
+        options = [wanted] + [sid for sid in preferences.get(n, []) if sid != wanted] + [base_id]
+        usable = next((sid for sid in options if report.pool_by_seed.get(sid)), None)
+        if usable is None:
+            report.unanswered.append(f"assemble: node {n}: no pieces for its seed, any other seed, or the base")
+            continue
+        if usable != wanted:
+            log.warning("node %s: no pieces for its seed %s yet; it assembles on %s", n, wanted, usable)
+            report.fallbacks[str(n)] = {"wanted": wanted, "used": usable}
+        node_seed[n] = usable
+        placed.append(n)
+    newcomers = placed
     if newcomers:
         gate_records = {sid: M.gates_to_records(pool.gates(sid)) for sid in {node_seed.get(n, base_id)
                                                                               for n in newcomers}}

@@ -56,7 +56,8 @@ def style(msg: Message, context: Context) -> Message:
     log.info("%s", selection.reason)
     return _reply(msg, **{
         M.SELECTION: ConfigRecord({"seed": selection.seed_id or "", "distance": float(selection.distance),
-                                   "reason": selection.reason, "user": device.history()[0].user}),
+                                   "reason": selection.reason, "user": device.history()[0].user,
+                                   "ranking": sorted(selection.distances, key=lambda k: (selection.distances[k], k))}),
         M.METRICS: MetricRecord({"selection-seconds": time.perf_counter() - start,
                                  "own-residual": float(own.residual), "catalog-seeds": len(catalog.entries)})})
 

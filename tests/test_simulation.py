@@ -64,7 +64,10 @@ def test_every_participant_picks_a_seed_and_its_pieces_land_in_that_seeds_pool(r
         assert sum(metrics["pool_by_seed"].values()) == pool.count() == 24
     for m in metrics["newcomers"]:
         meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
-        assert meta["seed"].endswith(metrics["selections"][m["user"]]["seed"])
+        assert meta["seed"] == m["seed"]  # it assembled on the seed whose pool it drew from
+        if not m["seed"].endswith(metrics["selections"][m["user"]]["seed"]):  # its own seed's pool was empty
+            moved = [f for f in metrics["fallbacks"].values() if f["used"] == m["seed"]]
+            assert moved and all(metrics["pool_by_seed"].get(f["wanted"], 0) == 0 for f in moved)
 
 
 def test_the_broken_participant_is_reported_and_left_out(run):
