@@ -246,7 +246,10 @@ def _add_seeds(sub) -> None:
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--catalog", default="runs/catalog", help="a styleqa catalog (`bouquet seeds build`)")
     c.add_argument("--out", default="runs/seeds-bench", help="run directory; rerun with the same settings to resume")
-    c.add_argument("--users-per-style", type=int, default=2)
+    c.add_argument("--users-per-style", type=int, default=3, help="users per style XPerT chooses for")
+    c.add_argument("--search-users-per-style", type=int, default=1,
+                   help="of those, users per style that also run exhaustive search and successive halving (each "
+                        "loads every seed)")
     c.add_argument("--history", type=int, default=16)
     c.add_argument("--test", type=int, default=6, help="held-out items per user (fine-tuning and pool comparisons)")
     c.add_argument("--ft-steps", type=int, default=30)
@@ -260,7 +263,8 @@ def cmd_seeds_bench(args) -> int:
     from simulation.seed_bench import SeedBenchSettings, run_seed_bench
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = SeedBenchSettings(users_per_style=args.users_per_style, history=args.history, test=args.test,
+    settings = SeedBenchSettings(users_per_style=args.users_per_style,
+                                 search_users_per_style=args.search_users_per_style, history=args.history, test=args.test,
                                  ft_steps=args.ft_steps, styles_for_tuning=args.styles_for_tuning)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = sorted(set(parts) - {"accuracy", "scaling", "tuning", "pools"})

@@ -9,7 +9,7 @@ from protocols.seeds import TINY
 from simulation.seed_bench import SeedBenchSettings, bench_users, run_seed_bench
 from simulation.seed_building import build_catalog_from_labels, styleqa_groups, styleqa_probes
 
-SETTINGS = SeedBenchSettings(users_per_style=1, history=4, test=2, ft_steps=3, eval_every=1, styles_for_tuning=2,
+SETTINGS = SeedBenchSettings(users_per_style=2, search_users_per_style=1, history=4, test=2, ft_steps=3, eval_every=1, styles_for_tuning=2,
                              sharer_steps=2, gate_steps=1, max_len=48, scaling_sizes=(2, 4))
 
 
@@ -25,10 +25,10 @@ def bench(tmp_path_factory):
 def test_accuracy_has_a_confusion_matrix_per_method(bench):
     _, report = bench
     acc = report["accuracy"]
-    assert acc["styles"] == [2, 5] and acc["users"] == 2
-    for method in ("xpert", "exhaustive", "halving"):
+    assert acc["styles"] == [2, 5] and acc["users"] == 4
+    for method, users in (("xpert", 4), ("exhaustive", 2), ("halving", 2)):
         assert 0.0 <= acc[method]["accuracy"] <= 1.0
-        assert sum(map(sum, acc[method]["confusion"])) == 2
+        assert acc[method]["users"] == sum(map(sum, acc[method]["confusion"])) == users
     assert acc["exhaustive"]["seeds_loaded"] == 2
 
 
