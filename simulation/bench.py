@@ -412,7 +412,8 @@ def choose_seeds(base: LoadedSeed, catalog: Catalog, users: list[tuple[str, User
                 selection, _ = choose_from_catalog(base, u.history, catalog)
                 chosen[u.user] = {"role": role, "seed": selection.seed_id or BASE,
                                   "distance": selection.distance if math.isfinite(selection.distance) else None,
-                                  "reason": selection.reason, "seconds": time.perf_counter() - start}
+                                  "reason": selection.reason, "seconds": time.perf_counter() - start,
+                                  "ranking": sorted(selection.distances, key=lambda k: (selection.distances[k], k))}
                 _write_json(path, saved)
             bar.update(user=u.user)
     return {u.user: chosen[u.user] for _, u in users}
@@ -441,7 +442,16 @@ def seed_groups(s: BenchSettings, catalog: Catalog | None, sharers: list[UserDat
 
     for u in sharers:
         group(u.user).sharers.append(u)
+    shared_on = {g.label for g in [base, *groups.values()] if g.sharers}
     for index, t in enumerate(targets):
+        chosen = selections[t.user]["seed"] if catalog is not None else BASE
+        if catalog is not None and chosen not in shared_on:
+            # pieces fit only their own seed: take the nearest seed (in the target's own ranking) that has sharers
+            nearer = [label for label in selections[t.user].get("ranking", []) if label in shared_on]
+            label = nearer[0] if nearer else BASE
+            log.info("%s: no sharer chose %s; it runs on the nearest seed with sharers, %s", t.user, chosen, label)
+            (base if label == BASE else groups[label]).targets.append((index, t))
+            continue
         group(t.user).targets.append((index, t))
     return [groups[k] for k in sorted(groups)] + [base]
 
@@ -502,7 +512,9 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
             pool_by_seed[g.label] = len(pool_pieces)
             if pool_pieces:
                 for _, t in g.targets:
-                    ran_on.setdefault(t.user, g.label)
+                    chosen = selections.get(t.user, {}).get("seed", g.label)
+                    ran_on.setdefault(t.user, g.label if chosen == g.label else
+                                      f"{g.label} (fallback: no sharer on {chosen})")
                 missing = any(("method", t.user, m) not in results.done for _, t in g.targets for m in METHODS)
                 b = _bench(g, s, out, pool_pieces) if missing or (g.label == BASE and s.sweep) else None
                 if b is not None:
