@@ -134,7 +134,8 @@ NOTES = ("Means over the targets. Cost counts the method's own work, not the eva
          "seconds); perpcs+ft includes perpcs's cost. *Stored* is what the user keeps: perpcs keeps piece "
          "references (its choices as JSON), retrieval a piece-id list, the others their adapter; *adapter* is "
          "the A, B bytes of the adapter each runs with. Fidelity: share of greedy generations a MiniLM + "
-         "logistic-regression classifier, trained on history answers only, assigns to the target's label.")
+         "logistic-regression classifier (balanced classes), trained on history answers only and those clipped "
+         "to the generation budget, assigns to the target's label.")
 
 
 def _markdown(report: dict) -> str:

@@ -143,6 +143,8 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
     report = {"styles": list(styles), "users": len(rows)}
     for method in ("xpert", "exhaustive", "halving"):
         mine = [r for r in rows if r[method] is not None]
+        if not mine:  # the searches were left out (--search-users-per-style 0)
+            continue
         picks = [(r["style"], _style_of(names, r[method]["seed"])) for r in mine]
         report[method] = {
             "users": len(mine), "accuracy": sum(t == c for t, c in picks) / len(picks),
@@ -357,6 +359,8 @@ def markdown(report: dict) -> str:
     parts.append(f"| XPerT (explanations) | {x['users']} | {x['accuracy']:.1%} | {x['seconds_median']:.1f} | "
                  f"{report['settings']['history']} answers generated | {x['catalog_bytes']:,} (catalog.json) | 0 |")
     for m, label in (("exhaustive", "exhaustive search"), ("halving", "successive halving")):
+        if m not in acc:
+            continue
         r = acc[m]
         parts.append(f"| {label} | {r['users']} | {r['accuracy']:.1%} | {r['seconds_median']:.1f} | {r['tokens_forward']:,.0f} | "
                      f"{r['bytes_loaded']:,.0f} | {r['seeds_loaded']:.0f} |")
@@ -364,7 +368,8 @@ def markdown(report: dict) -> str:
     target = "**met**" if x["accuracy"] >= 0.95 else "**not met**"
     parts += [f"Target (XPerT picks the seed of the user's style ≥ 95%): {target} ({x['accuracy']:.1%}).", ""]
     for m, label in (("xpert", "XPerT"), ("exhaustive", "exhaustive search"), ("halving", "successive halving")):
-        parts += _matrix(label, styles, acc[m]["confusion"])
+        if m in acc:
+            parts += _matrix(label, styles, acc[m]["confusion"])
     if "scaling" in report:
         parts += ["## 2. selection cost against catalog size (tiny-model seeds)", "",
                   "| seeds | XPerT s | XPerT bytes | exhaustive s | exhaustive tokens | exhaustive bytes | "
