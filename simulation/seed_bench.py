@@ -239,7 +239,8 @@ def never_from_scratch(catalog: Catalog, selection: dict, s: SeedBenchSettings, 
                 chosen = selection["per_user"][u.user]["xpert"]
                 base_run = _tune_curve(catalog.base, u, s)
                 seed_run = _tune_curve(catalog.seed_source(chosen), u, s) if chosen else base_run
-                forget_seed(catalog.seed_source(chosen)) if chosen else None
+                if chosen:
+                    forget_seed(catalog.seed_source(chosen))
                 done[u.user] = {"seed": chosen or "base", "base": base_run, "selected": seed_run}
                 _write_json(path, done)
             bar.update(user=u.user)
