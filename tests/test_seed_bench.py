@@ -70,3 +70,16 @@ def test_bench_users_never_touch_the_rows_seeds_are_built_from():
     users = bench_users([3], SeedBenchSettings(), 4)
     assert not seeds & {r.input for u in users for r in u.history + u.test}
     assert len({r.input for u in users for r in u.history}) == 4 * 16
+
+
+def test_the_command_line_refuses_a_missing_catalog_and_unknown_parts(tmp_path, capsys):
+    from simulation.cli import main
+
+    assert main(["seeds", "bench", "--catalog", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "no seed catalog" in capsys.readouterr().err
+    assert main(["seeds", "bench", "--catalog", str(tmp_path), "--parts", "accuracy,speed"]) == 2
+    assert "unknown --parts speed" in capsys.readouterr().err
+    assert main(["simulate", "--catalog", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                 "--seed-model", "tiny-random", "--users", "2", "--sharers", "1", "--newcomers", "1"]) == 2
+    assert "no seed catalog" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
