@@ -115,6 +115,7 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
     names = {name: style for style, name in styles.items()}
     sources = {catalog.seed_source(name): name for name in names}
     users = bench_users(list(styles), s, s.users_per_style)
+    search_users = {u.user for u in bench_users(list(styles), s, min(s.search_users_per_style, s.users_per_style))}
     base = load_seed(catalog.base)
     path = out / "selection.jsonl"
     done = {json.loads(line)["user"]: json.loads(line) for line in path.read_text().splitlines()} \
@@ -125,7 +126,7 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
                 start = time.perf_counter()
                 selection, own = choose_from_catalog(base, u.history, catalog)
                 xpert_s = time.perf_counter() - start
-                searched = int(u.user.rsplit("-u", 1)[1]) < s.search_users_per_style
+                searched = u.user in search_users
                 full = exhaustive_search(list(sources), u.history, max_len=s.max_len) if searched else None
                 halving = successive_halving(list(sources), u.history, min_items=s.min_items,
                                              max_len=s.max_len) if searched else None
@@ -175,7 +176,7 @@ def scaling(s: SeedBenchSettings, out: Path) -> list[dict]:
     from simulation.tiny_catalog import build_tiny_catalog
 
     largest = build_tiny_catalog(out / "tiny-catalog", max(s.scaling_sizes), seed=s.random_seed)
-    user = bench_users([1], replace(s, history=s.history, test=1), 1)[0]
+    user = bench_users([1], replace(s, test=1), 1)[0]
     base = load_seed(largest.base)
     rows = []
     with progress(len(s.scaling_sizes), "cost vs catalog size") as bar:
