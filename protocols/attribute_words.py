@@ -133,11 +133,15 @@ EXEMPLARS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def text_basis(words: tuple[str, ...] | list[str], embed: Embed) -> AttributeBasis:
-    """Per word: its exemplars' mean embedding minus that of the plain sentences they rewrite."""
+def check_exemplars(words) -> None:
     missing = [w for w in words if w not in EXEMPLARS]
     if missing:
         raise ValueError(f"no hand-written exemplars for {', '.join(map(repr, missing))}; the text basis knows "
                          f"{', '.join(EXEMPLARS)} (use the model basis for other words)")
+
+
+def text_basis(words: tuple[str, ...] | list[str], embed: Embed) -> AttributeBasis:
+    """Per word: its exemplars' mean embedding minus that of the plain sentences they rewrite."""
+    check_exemplars(words)
     return AttributeBasis(tuple(words), np.stack([difference_direction(list(EXEMPLARS[w]), list(PLAIN), embed)
                                                   for w in words]))

@@ -28,13 +28,25 @@ Embed = Callable[[list[str]], np.ndarray]
 
 @dataclass(frozen=True, eq=False)
 class AttributeBasis:
-    """One difference direction per attribute word, rows of `vectors` in the order of `words`."""
+    """One difference direction per attribute word, rows of `vectors` in the order of `words`.
+
+    `scale`, when given, is how much each embedding dimension varies from one answer pair to the next for one
+    and the same style (`noise_scale`). Explanations are fitted in units of it, so that dimensions where the
+    topic of a question moves the embedding a lot weigh less than those where only the style does.
+    """
 
     words: tuple[str, ...]
     vectors: np.ndarray
+    scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         vectors = np.asarray(self.vectors, dtype=np.float64)
+        if self.scale is not None:
+            scale = np.asarray(self.scale, dtype=np.float64)
+            if scale.shape != (vectors.shape[-1],) or not np.isfinite(scale).all() or (scale <= 0).any():
+                raise ValueError(f"the scale must be one positive number per dimension ({vectors.shape[-1]}), "
+                                 f"got shape {scale.shape}")
+            object.__setattr__(self, "scale", scale)
         if len(set(self.words)) != len(self.words):
             raise ValueError(f"the attribute words must be distinct, got {list(self.words)}")
         if vectors.ndim != 2 or vectors.shape[0] != len(self.words):
@@ -48,12 +60,21 @@ class AttributeBasis:
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    def scaled(self, direction: np.ndarray) -> np.ndarray:
+        """A direction (or rows of them) in units of the noise scale."""
+        return direction if self.scale is None else direction / self.scale
+
     def to_dict(self) -> dict:
-        return {"words": list(self.words), "vectors": self.vectors.tolist()}
+        out = {"words": list(self.words), "vectors": self.vectors.tolist()}
+        if self.scale is not None:
+            out["scale"] = self.scale.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, obj: dict) -> AttributeBasis:
-        return cls(tuple(obj["words"]), np.asarray(obj["vectors"], dtype=np.float64))
+        scale = obj.get("scale")
+        return cls(tuple(obj["words"]), np.asarray(obj["vectors"], dtype=np.float64),
+                   None if scale is None else np.asarray(scale, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -72,18 +93,39 @@ class Explanation:
         return cls({str(w): float(z) for w, z in obj["coefficients"].items()}, float(obj["residual"]))
 
 
-def difference_direction(own_texts: Sequence[str], reference_texts: Sequence[str], embed: Embed) -> np.ndarray:
-    """Mean embedding of `own_texts` minus mean embedding of `reference_texts` (answers to the same inputs).
-
-    Pairing the texts by input cancels what the answers are about and leaves how they are written.
-    """
+def paired_differences(own_texts: Sequence[str], reference_texts: Sequence[str], embed: Embed) -> np.ndarray:
+    """One row per input: the embedding of the own answer minus that of the reference answer to it."""
     if not own_texts or len(own_texts) != len(reference_texts):
         raise ValueError(
             f"need paired, non-empty answers to the same inputs, got {len(own_texts)} and {len(reference_texts)}"
         )
     own = np.asarray(embed(list(own_texts)), dtype=np.float64)
     reference = np.asarray(embed(list(reference_texts)), dtype=np.float64)
-    return own.mean(axis=0) - reference.mean(axis=0)
+    return own - reference
+
+
+def difference_direction(own_texts: Sequence[str], reference_texts: Sequence[str], embed: Embed) -> np.ndarray:
+    """Mean embedding of `own_texts` minus mean embedding of `reference_texts` (answers to the same inputs).
+
+    Pairing the texts by input cancels what the answers are about and leaves how they are written.
+    """
+    return paired_differences(own_texts, reference_texts, embed).mean(axis=0)
+
+
+def noise_scale(groups: Sequence[np.ndarray], floor: float = 0.25) -> np.ndarray:
+    """Per dimension, the spread of paired differences around their own group's mean, pooled over groups.
+
+    Each group holds the per-input differences of one style (a seed's probe answers against the base's), so
+    what varies within a group is the question, not the style: the noise a 16-item history averages over.
+    Dimensions are floored at `floor` times the median spread, so a dimension that barely moved on the
+    probes cannot dominate a fit.
+    """
+    centered = [np.asarray(g, dtype=np.float64) - np.asarray(g, dtype=np.float64).mean(axis=0) for g in groups
+                if len(g) > 1]
+    if not centered:
+        raise ValueError("a noise scale needs at least one group of two or more paired differences")
+    spread = np.vstack(centered).std(axis=0)
+    return np.maximum(spread, floor * float(np.median(spread)) + 1e-12)
 
 
 def decompose(direction: np.ndarray, basis: AttributeBasis, max_terms: int | None = None,
@@ -97,11 +139,13 @@ def decompose(direction: np.ndarray, basis: AttributeBasis, max_terms: int | Non
     (expert and technical, friendly and enthusiastic), and independent projections count their shared part
     once per word, so they are biased; a joint fit is not. Non-negativity makes a coefficient read as "how
     much of this attribute" (1 = as much as the basis shows for that word) and keeps explanations sparse.
-    Ties go to the earlier word, so the result is deterministic.
+    Ties go to the earlier word, so the result is deterministic. With a `basis.scale`, the fit and the
+    residual are computed in units of the noise scale.
     """
     d = np.asarray(direction, dtype=np.float64)
     if d.shape != (basis.dim,):
         raise ValueError(f"direction of shape {d.shape} does not match the basis dimension {basis.dim}")
+    d, vectors = basis.scaled(d), basis.scaled(basis.vectors)
     norm = float(np.linalg.norm(d))
     if norm == 0.0:
         return Explanation({}, 0.0)
@@ -115,7 +159,7 @@ def decompose(direction: np.ndarray, basis: AttributeBasis, max_terms: int | Non
             if j in chosen:
                 continue
             trial = chosen + [j]
-            z, r = nnls(basis.vectors[trial].T, d)
+            z, r = nnls(vectors[trial].T, d)
             if best is None or r < best[2]:
                 best = (trial, z, r)
         if best is None or best[2] >= residual * (1.0 - 1e-12):

@@ -234,7 +234,17 @@ def _add_seeds(sub) -> None:
     b.add_argument("--basis", choices=["text", "model"], default="text",
                    help="attribute directions from hand-written exemplars (text) or from the base answering "
                         "'Answer in a <word> style.' (model: (N+1)·probes generations)")
-    b.add_argument("--max-new-tokens", type=int, default=48, help="answer length of the probe answers")
+    b.add_argument("--propose-words", type=int, default=0,
+                   help="more attribute words, proposed by the base from each seed's answers against its own "
+                        "(needs --basis model)")
+    b.add_argument("--basis-probes", type=int, default=16,
+                   help="probes the model basis answers in each word's style (the first N)")
+    b.add_argument("--unscaled", action="store_true",
+                   help="fit explanations in raw embedding units rather than in units of the per-dimension noise "
+                        "the seeds' probe answers show")
+    b.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer length of the probe answers; devices answer their own inputs this long. MiniLM "
+                        "reads 256 word pieces, and shorter answers hide how long and how detailed a style is")
     b.add_argument("--seed-model", default=None,
                    help=f"the base: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id (default: {DEFAULT_SEED}; "
                         f"with --from-pool, the seed of the pool's pieces)")
@@ -285,8 +295,9 @@ def cmd_seeds_build(args) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
     if not 1 <= args.words <= len(STYLE_WORDS):
         raise ValueError(f"--words must be between 1 and {len(STYLE_WORDS)}, got {args.words}")
-    words = STYLE_WORDS[: args.words]
-    common = dict(words=words, basis=args.basis, max_new_tokens=args.max_new_tokens)
+    explain = sb.ExplainSettings(words=STYLE_WORDS[: args.words], basis=args.basis, propose_words=args.propose_words,
+                                 basis_probes=args.basis_probes, scaled=not args.unscaled)
+    common = dict(explain=explain, max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()
     if args.from_pool:
         if args.clusters is None:
@@ -383,6 +394,8 @@ def format_catalog(catalog) -> list[str]:
              f"base: {catalog.base} ({catalog.base_hash[:12]})",
              f"probes: {len(catalog.probes)}, answers of up to {catalog.max_new_tokens} new tokens",
              f"attribute words ({len(catalog.words)}): {', '.join(catalog.words)}",
+             "fitted in units of the noise the probes show" if catalog.basis.scale is not None else
+             "fitted in raw embedding units",
              f"seeds ({len(catalog.entries)}):"]
     if not catalog.entries:
         lines.append("  none yet")

@@ -10,10 +10,12 @@ probe prompts differ from the base's, in attribute words (coordinator.explain_se
 pick the nearest seed from catalog.json alone. It lives here because it needs both a device's trainer and
 the coordinator's explainer, which never import each other.
 
-A build is resumable: catalog.json is saved after every seed, and a rerun with the same settings skips the
-seeds that are already explained and whose folders still hash to their catalog entries. The settings live in
-build.json next to catalog.json; a rerun with other settings into the same folder is refused rather than
-mixing seeds built two ways in one catalog.
+A build is resumable: each seed's folder and its probe answers are written as soon as they exist, and a rerun
+with the same settings skips the seeds whose folders still hash to the answers stored beside them. catalog.json
+is written once, at the end, when every seed can be explained together: the vocabulary, the attribute basis and
+the noise scale are catalog-wide. The settings live in build.json; a rerun with other seed settings into the
+same folder is refused rather than mixing seeds built two ways in one catalog, while other explanation
+settings (words, basis, proposed words) just re-explain the seeds.
 """
 
 from __future__ import annotations
@@ -22,23 +24,26 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from coordinator.explain_seed import explain_seed, minilm_embed
+from coordinator.explain_seed import minilm_embed
 from coordinator.pool import PiecePool
 from participants import seed_loading
 from participants.adapters import save_peft_adapter
 from participants.evaluation import generate
 from participants.lora_training import LoraSettings, LoraWeights, train_private_lora
 from participants.progress import log, progress
-from participants.style_direction import attribute_basis
-from protocols.attribute_words import text_basis
-from protocols.catalog import CATALOG_FILE, Catalog, CatalogEntry, load_catalog
-from protocols.explanations import STYLE_WORDS, Embed
+from coordinator.word_proposal import propose_words, proposed_vocabulary
+from participants.style_direction import STYLE_INSTRUCTION
+from protocols.attribute_words import check_exemplars, text_basis
+from protocols.catalog import CATALOG_FILE, SEEDS_DIR, Catalog, CatalogEntry, load_catalog
+from protocols.explanations import (STYLE_WORDS, AttributeBasis, Embed, decompose, difference_direction,
+                                    noise_scale, paired_differences)
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord
 from protocols.seeds import DEFAULT_SEED, DELTA_DIR, SEED_FILE, SeedDescriptor, materialize, read_seed_file
@@ -46,9 +51,52 @@ from protocols.seeds import write_seed_folder
 from simulation.datasets import find_styleqa, styleqa_rows
 
 BUILD_FILE = "build.json"
+ANSWERS_FILE = "probe_answers.json"  # per seed: its and the base's answers to the probes
+PROPOSALS_FILE = "proposed_words.json"  # per seed: the words the base proposed for it
+BASIS_FILE = "basis_answers.json"  # the base's styled and plain probe answers behind a model basis
+PROPOSAL_PAIRS = 4  # probe pairs per seed the base is asked to name the style of
 DEFAULT_WORDS = STYLE_WORDS[:8]
+_EXPLAIN_KEYS = frozenset({"explain", "words", "basis"})  # "words"/"basis": build.json of earlier versions
 STYLEQA_SEED_STYLES = range(1, 9)  # style 0 is the unstylized reference, not a style to offer
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How the seeds are explained: free to change between reruns, since they only re-explain.
+
+    words          attribute words given by hand
+    basis          "text" (hand-written exemplars of each word) or "model" (the base answering the probes in
+                   each word's style; needed for proposed words, which have no exemplars)
+    propose_words  how many more words the base proposes from the seeds' answers (0: none)
+    basis_probes   probes the model basis answers in each style (the first N of the catalog's probes)
+    scaled         fit explanations in units of the per-dimension noise (AttributeBasis.scale)
+    """
+
+    words: tuple[str, ...] = DEFAULT_WORDS
+    basis: str = "text"
+    propose_words: int = 0
+    basis_probes: int = 16
+    scaled: bool = True
+
+    def check(self, embed: Embed) -> None:
+        if self.basis not in ("text", "model"):
+            raise ValueError(f"basis must be 'text' (hand-written exemplars) or 'model' (the base's own styled "
+                             f"answers), got {self.basis!r}")
+        if self.basis == "model" and embed is not minilm_embed:
+            raise ValueError("the model basis is embedded with MiniLM on the device side; explain with the default "
+                             "MiniLM embedder too, or use the text basis")
+        if self.basis == "text":
+            check_exemplars(self.words)
+        if self.propose_words and self.basis != "model":
+            raise ValueError("proposed words have no hand-written exemplars; propose words with the model basis "
+                             "(--basis model)")
+        if self.propose_words < 0 or self.basis_probes < 1:
+            raise ValueError(f"propose_words must be >= 0 and basis_probes >= 1, got {self.propose_words} and "
+                             f"{self.basis_probes}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -66,10 +114,9 @@ class SeedJob:
 
 def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRecord]],
                               base_source: str = DEFAULT_SEED, lora: LoraSettings | None = None,
-                              probes: Sequence[str] = (), words: Sequence[str] = DEFAULT_WORDS,
-                              basis: str = "text", max_new_tokens: int = 48,
-                              built_from: dict[str, str] | None = None, embed: Embed = minilm_embed,
-                              batch_size: int = 8) -> Catalog:
+                              probes: Sequence[str] = (), explain: ExplainSettings = ExplainSettings(),
+                              max_new_tokens: int = 256, built_from: dict[str, str] | None = None,
+                              embed: Embed = minilm_embed, batch_size: int = 8) -> Catalog:
     """One seed per group: a LoRA trained from the base on the group's records, then explained.
 
     Probe prompts must not be inputs a seed trains on: a seed would answer them from memory, and its
@@ -100,8 +147,7 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
         jobs.append(SeedJob(name, built_from.get(name, f"{len(records)} labeled records"),
                             _records_fingerprint(records), make))
     settings = {"from": "labels", "lora": _jsonable(asdict(lora))}
-    return _build(Path(out), base, jobs, list(probes), tuple(words), basis, max_new_tokens, settings, embed,
-                  batch_size)
+    return _build(Path(out), base, jobs, list(probes), explain, max_new_tokens, settings, embed, batch_size)
 
 
 def _records_fingerprint(records: Sequence[PersonalRecord]) -> str:
@@ -113,8 +159,8 @@ def _records_fingerprint(records: Sequence[PersonalRecord]) -> str:
 
 
 def build_catalog_from_pool(out: str | Path, pool_dir: str | Path, seed_source: str | None, clusters: int,
-                            probes: Sequence[str] = (), words: Sequence[str] = DEFAULT_WORDS, basis: str = "text",
-                            max_new_tokens: int = 48, sketch_inputs: int = 4, random_seed: int = 0,
+                            probes: Sequence[str] = (), explain: ExplainSettings = ExplainSettings(),
+                            max_new_tokens: int = 256, sketch_inputs: int = 4, random_seed: int = 0,
                             embed: Embed = minilm_embed, batch_size: int = 8) -> Catalog:
     """One seed per cluster of the pool's contributors: the exact mean of its members' LoRA updates.
 
@@ -146,8 +192,7 @@ def build_catalog_from_pool(out: str | Path, pool_dir: str | Path, seed_source: 
                             lambda chosen=chosen: mean_delta(chosen)))
     settings = {"from": "pool", "pool": str(root.resolve()), "pool_pieces": _pieces_fingerprint(pieces),
                 "clusters": clusters, "sketch_inputs": sketch_inputs, "random_seed": random_seed}
-    return _build(Path(out), base, jobs, list(probes), tuple(words), basis, max_new_tokens, settings, embed,
-                  batch_size)
+    return _build(Path(out), base, jobs, list(probes), explain, max_new_tokens, settings, embed, batch_size)
 
 
 def pool_root(folder: str | Path) -> Path:
@@ -313,14 +358,9 @@ def _plain_base(source: str) -> SeedDescriptor:
     return base
 
 
-def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[str], words: tuple[str, ...],
-           basis: str, max_new_tokens: int, extra: dict, embed: Embed, batch_size: int) -> Catalog:
-    if basis not in ("text", "model"):
-        raise ValueError(f"basis must be 'text' (hand-written exemplars) or 'model' (the base's own styled "
-                         f"answers), got {basis!r}")
-    if basis == "model" and embed is not minilm_embed:
-        raise ValueError("the model basis is embedded with MiniLM on the device side; explain with the default "
-                         "MiniLM embedder too, or use the text basis")
+def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[str], explain: ExplainSettings,
+           max_new_tokens: int, extra: dict, embed: Embed, batch_size: int) -> Catalog:
+    explain.check(embed)
     if not probes:
         raise ValueError("no probe prompts: an explanation compares a seed's answers with the base's on probes")
     if max_new_tokens < 1:
@@ -329,20 +369,20 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
     if bad:
         raise ValueError(f"seed names become folder names: use letters, digits, '.', '_' and '-' only, not "
                          f"{', '.join(map(repr, bad))}")
-    settings = {"format": 1, "base": base.seed_id, "base_hash": base.content_hash, "basis": basis,
-                "words": list(words), "probes": probes, "max_new_tokens": max_new_tokens,
+    settings = {"format": 1, "base": base.seed_id, "base_hash": base.content_hash, "probes": probes,
+                "max_new_tokens": max_new_tokens,
                 "embed": f"{embed.__module__}.{getattr(embed, '__qualname__', repr(embed))}"} | extra
-    _check_settings(out, settings)
-    catalog = _open_catalog(out, base, probes, words, basis, max_new_tokens, embed, batch_size)
+    _check_settings(out, settings, explain.to_dict())
+    known = _known_hashes(out)
     records = [PersonalRecord(user="probe", input=p, output="") for p in probes]
     base_answers: list[str] | None = None
     forget = getattr(seed_loading, "forget_seed", None)
     with progress(len(jobs), "seed catalog") as bar:
         for job in jobs:
-            folder = catalog.seed_folder(job.name)
-            state = _state(catalog, folder, job)
+            folder = out / SEEDS_DIR / job.name
+            state = _state(folder, job, probes, max_new_tokens, known)
             if state == "done":
-                log.info("seed %s: already in the catalog, skipped", job.name)
+                log.info("seed %s: already built and answered, skipped", job.name)
                 bar.update(seed=job.name)
                 continue
             if state == "build":
@@ -352,8 +392,9 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                                       path, w, r, a, base_model=base.seed_id),
                                   info={"built_from": job.built_from, "fingerprint": job.fingerprint})
             if base_answers is None:
-                base_answers = generate(seed_loading.load_seed(base.seed_id), records, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size)
+                base_answers = _stored_base_answers(out, jobs, probes, max_new_tokens) or generate(
+                    seed_loading.load_seed(base.seed_id), records, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size)
             source = str(folder.resolve())
             seed = seed_loading.load_seed(source)
             try:
@@ -363,39 +404,132 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                 if forget is not None:
                     forget(source)
             # kept beside the seed (not in catalog.json, which devices download) to re-explain it without generating
-            (folder / "probe_answers.json").write_text(json.dumps({"probes": probes, "seed": answers,
-                                                                  "base": base_answers}, indent=1))
-            explanation = explain_seed(answers, base_answers, catalog.basis, embed)
-            delta_bytes = sum(f.stat().st_size for f in (folder / DELTA_DIR).glob("*.safetensors"))
-            catalog.upsert(CatalogEntry(job.name, materialize(source).content_hash, explanation, job.built_from,
-                                        delta_bytes))
-            catalog.save()
+            _write_json(folder / ANSWERS_FILE, {"probes": probes, "max_new_tokens": max_new_tokens,
+                                                "content_hash": materialize(source).content_hash,
+                                                "seed": answers, "base": base_answers})
             bar.update(seed=job.name)
+    return explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size)
+
+
+def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], probes: list[str],
+                    max_new_tokens: int, explain: ExplainSettings, embed: Embed, batch_size: int) -> Catalog:
+    """Once every seed has its probe answers: the vocabulary (given words, plus the ones the base proposes for
+    the seeds), the attribute basis, the noise scale, and every seed's explanation, written as catalog.json.
+
+    This is the only step that depends on the explanation settings, so changing them re-explains a catalog
+    without retraining or re-answering anything (model-basis answers are cached in basis_answers.json).
+    """
+    answers = {job.name: json.loads((out / SEEDS_DIR / job.name / ANSWERS_FILE).read_text()) for job in jobs}
+    differences = {name: paired_differences(a["seed"], a["base"], embed) for name, a in answers.items()}
+    vocabulary = list(explain.words)
+    if explain.propose_words:
+        proposals = {name: _proposals(out / SEEDS_DIR / name, base, a) for name, a in answers.items()}
+        vocabulary += proposed_vocabulary(proposals, vocabulary, limit=explain.propose_words)
+        log.info("words proposed by the base for the seeds: %s", ", ".join(vocabulary[len(explain.words):]))
+    if explain.basis == "text":
+        vectors = text_basis(tuple(vocabulary), embed).vectors
+    else:
+        vectors = _model_basis(out, base, probes[:explain.basis_probes], vocabulary, max_new_tokens, embed,
+                               batch_size)
+    groups = [d for d in differences.values() if len(d) > 1]
+    basis = AttributeBasis(tuple(vocabulary), vectors, noise_scale(groups) if explain.scaled and groups else None)
+    entries = []
+    for job in jobs:
+        folder = out / SEEDS_DIR / job.name
+        delta_bytes = sum(f.stat().st_size for f in (folder / DELTA_DIR).glob("*.safetensors"))
+        entries.append(CatalogEntry(job.name, answers[job.name]["content_hash"],
+                                    decompose(differences[job.name].mean(axis=0), basis), job.built_from,
+                                    delta_bytes))
+    catalog = Catalog(out, base.seed_id, base.content_hash, basis, probes, max_new_tokens,
+                      sorted(entries, key=lambda e: e.name))
+    catalog.save()
     return catalog
 
 
-def _check_settings(out: Path, settings: dict) -> None:
-    """Refuse to add to a catalog built otherwise; record the settings of a new one (before catalog.json)."""
+def _proposals(folder: Path, base: SeedDescriptor, answers: dict) -> Counter[str]:
+    """The base's proposed style words for one seed (its first probe pairs), cached beside the seed."""
+    pairs = list(zip(answers["base"], answers["seed"]))[:PROPOSAL_PAIRS]
+    key = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    path = folder / PROPOSALS_FILE
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return Counter(cached["words"])
+    words = propose_words(seed_loading.load_seed(base.seed_id), pairs)
+    _write_json(path, {"key": key, "words": dict(words.most_common())})
+    return words
+
+
+def _model_basis(out: Path, base: SeedDescriptor, probes: list[str], words: list[str], max_new_tokens: int,
+                 embed: Embed, batch_size: int) -> np.ndarray:
+    """Per word, the base's answers to "Answer in a <word> style." + probe against its plain answers (as the
+    devices embed them); the answers are cached per word, so adding a word generates only that word's."""
+    path = out / BASIS_FILE
+    key = {"base_hash": base.content_hash, "probes": probes, "max_new_tokens": max_new_tokens}
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get("key") != key:
+        cache = {"key": key, "plain": None, "styled": {}}
+    todo = [w for w in words if w not in cache["styled"]]
+    if todo or cache["plain"] is None:
+        model = seed_loading.load_seed(base.seed_id)
+        if cache["plain"] is None:
+            cache["plain"] = generate(model, [PersonalRecord("probe", p, "") for p in probes],
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+        with progress(len(todo), "attribute basis") as bar:
+            for word in todo:
+                prompts = [f"{STYLE_INSTRUCTION.format(word=word)}\n\n{p}" for p in probes]
+                cache["styled"][word] = generate(model, [PersonalRecord("probe", q, "") for q in prompts],
+                                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+                _write_json(path, cache)
+                bar.update(word=word)
+    return np.stack([difference_direction(cache["styled"][w], cache["plain"], embed) for w in words])
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def _known_hashes(out: Path) -> dict[str, str]:
+    """Seed name -> content hash from an earlier catalog.json, whose probe answers can be trusted for it."""
+    try:
+        return {e.name: e.content_hash for e in load_catalog(out).entries}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _stored_base_answers(out: Path, jobs: Sequence[SeedJob], probes: list[str], max_new_tokens: int) -> list[str]:
+    for job in jobs:
+        path = out / SEEDS_DIR / job.name / ANSWERS_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("probes") == probes and stored.get("max_new_tokens", max_new_tokens) == max_new_tokens:
+                return stored["base"]
+    return []
+
+
+def _check_settings(out: Path, settings: dict, explain: dict) -> None:
+    """Refuse to add seeds built otherwise to a build folder; record the settings of a new one. The
+    explanation settings are recorded too, but may change: they only re-explain the seeds."""
     path = out / BUILD_FILE
     settings = json.loads(json.dumps(settings))  # tuples as lists, as they read back
-    if path.is_file() and (out / CATALOG_FILE).is_file():  # without catalog.json, nothing was built yet
+    if path.is_file():
         try:
             before = json.loads(path.read_text())
         except ValueError as err:
             raise ValueError(f"{path} is damaged ({err}); build into another --out folder") from None
+        before = {k: v for k, v in before.items() if k not in _EXPLAIN_KEYS}
         changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
         if changed:
             raise ValueError(f"the catalog at {out} was built with other settings ({', '.join(changed)} differ: "
                              f"{_difference(before, settings, changed[0])}); rerun with the same settings to "
                              f"resume it, or build into another --out folder")
-        return
-    if (out / CATALOG_FILE).is_file():
-        raise ValueError(f"{out} holds a catalog.json without the {BUILD_FILE} that `bouquet seeds build` writes; "
-                         f"build into another --out folder")
+    elif (out / CATALOG_FILE).is_file() or (out / SEEDS_DIR).is_dir():
+        raise ValueError(f"{out} holds seeds or a catalog.json without the {BUILD_FILE} that `bouquet seeds build` "
+                         f"writes; build into another --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(path)
+    _write_json(path, settings | {"explain": explain})
 
 
 def _difference(before: dict, now: dict, key: str) -> str:
@@ -406,36 +540,35 @@ def _difference(before: dict, now: dict, key: str) -> str:
     return f"{key} was {short(before.get(key))}, now {short(now.get(key))}"
 
 
-def _open_catalog(out: Path, base: SeedDescriptor, probes: list[str], words: tuple[str, ...], basis: str,
-                  max_new_tokens: int, embed: Embed, batch_size: int) -> Catalog:
-    """The catalog being resumed, or a new empty one with its attribute basis, saved at once."""
-    if (out / CATALOG_FILE).is_file():
-        return load_catalog(out)
-    if basis == "text":
-        vectors = text_basis(words, embed)
-    else:  # the base's own answers told to write in each style, embedded with MiniLM as devices do
-        vectors = attribute_basis(seed_loading.load_seed(base.seed_id), probes, words, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
-    catalog = Catalog(out, base.seed_id, base.content_hash, vectors, probes, max_new_tokens)
-    catalog.save()
-    return catalog
-
-
-def _state(catalog: Catalog, folder: Path, job: SeedJob) -> str:
-    """"done" (explained, folder intact), "explain" (delta on disk, not yet in the catalog) or "build"."""
+def _state(folder: Path, job: SeedJob, probes: list[str], max_new_tokens: int, known: dict[str, str]) -> str:
+    """"done" (folder intact and its probe answers stored), "answer" (delta on disk, answers missing or stale)
+    or "build"."""
     if not (folder / SEED_FILE).is_file():
         return "build"
     meta = read_seed_file(folder)
     if meta.get("fingerprint") != job.fingerprint:
-        raise ValueError(f"seed {job.name!r} in {catalog.folder} was built from other data ({meta.get('built_from')}; "
-                         f"now: {job.built_from}); build into another --out folder")
+        raise ValueError(f"seed {job.name!r} in {folder.parent.parent} was built from other data "
+                         f"({meta.get('built_from')}; now: {job.built_from}); build into another --out folder")
     try:
         content_hash = materialize(str(folder.resolve())).content_hash
     except ValueError as err:
         log.warning("seed %s: rebuilding a damaged folder (%s)", job.name, err)
         return "build"
-    known = {e.name: e.content_hash for e in catalog.entries}
-    return "done" if known.get(job.name) == content_hash else "explain"
+    path = folder / ANSWERS_FILE
+    if not path.is_file():
+        return "answer"
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError:
+        return "answer"
+    same = stored.get("probes") == probes and stored.get("max_new_tokens", max_new_tokens) == max_new_tokens
+    answered_for = stored.get("content_hash") or known.get(job.name)  # answers written before hashes were stored
+    if same and answered_for == content_hash:
+        stored["content_hash"] = content_hash
+        stored["max_new_tokens"] = max_new_tokens
+        _write_json(path, stored)
+        return "done"
+    return "answer"
 
 
 def _jsonable(obj):

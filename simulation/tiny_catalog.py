@@ -14,7 +14,7 @@ from protocols.catalog import Catalog
 from protocols.explanations import STYLE_WORDS
 from protocols.records import PersonalRecord
 from protocols.seeds import TINY
-from simulation.seed_building import build_catalog_from_labels
+from simulation.seed_building import ExplainSettings, build_catalog_from_labels
 
 PROBES = ("what is a tree?", "how do boats float?", "why is the sky blue?", "name a fruit.")
 
@@ -28,5 +28,5 @@ def build_tiny_catalog(folder: str | Path, n: int, seed: int = 0) -> Catalog:
         groups[f"tiny{i:02d}"] = [PersonalRecord(f"tiny{i:02d}", f"tell me about thing {j}", f"{pattern} {j}. " * 3)
                                   for j in range(6)]
     lora = LoraSettings(rank=4, alpha=8.0, steps=12, lr=0.02, batch_size=2, max_len=32, seed=seed)
-    return build_catalog_from_labels(folder, groups, TINY, lora, list(PROBES), STYLE_WORDS[:8], max_new_tokens=8,
-                                     built_from={name: f"pattern {name}" for name in groups})
+    return build_catalog_from_labels(folder, groups, TINY, lora, list(PROBES), ExplainSettings(STYLE_WORDS[:8]),
+                                     max_new_tokens=8, built_from={name: f"pattern {name}" for name in groups})

@@ -7,7 +7,7 @@ import pytest
 
 from participants.style_direction import Selection, attribute_basis, own_style, select_seed
 from protocols.explanations import (STYLE_WORDS, AttributeBasis, Explanation, decompose, describe,
-                                    difference_direction, l1_distance)
+                                    difference_direction, l1_distance, noise_scale, paired_differences)
 from protocols.records import PersonalRecord
 
 
@@ -67,6 +67,43 @@ def test_basis_and_explanation_survive_json_and_bad_bases_are_refused():
         AttributeBasis(("a", "b"), np.ones((3, 4)))
     with pytest.raises(ValueError, match="distinct"):
         AttributeBasis(("a", "a"), np.ones((2, 4)))
+
+
+def test_the_noise_scale_is_the_spread_within_each_style_pooled_and_floored():
+    rng = np.random.default_rng(0)
+    spread = np.array([0.5, 1.0, 2.0, 1e-6])
+    # two styles far apart: their distance must not count as noise, only each one's spread around its mean
+    groups = [rng.normal(0.0, spread, size=(4000, 4)), 50.0 + rng.normal(0.0, spread, size=(4000, 4))]
+    scale = noise_scale(groups, floor=0.25)
+    np.testing.assert_allclose(scale[:3], spread[:3], rtol=0.05)
+    assert scale[3] == pytest.approx(0.25 * np.median(scale[:3].tolist() + [1e-6]), rel=0.05)
+    with pytest.raises(ValueError, match="two or more"):
+        noise_scale([np.ones((1, 4))])
+
+
+def test_a_scaled_basis_fits_in_units_of_the_noise_and_survives_json():
+    # one word, [1, 1]; the direction [1, 0] lies half on it in raw units. When dimension 1 is ten times
+    # noisier, the fit trusts dimension 0 and reads almost all of the word.
+    raw = AttributeBasis(("w",), np.array([[1.0, 1.0]]))
+    scaled = AttributeBasis(("w",), np.array([[1.0, 1.0]]), scale=np.array([1.0, 10.0]))
+    d = np.array([1.0, 0.0])
+    assert decompose(d, raw).coefficients["w"] == pytest.approx(0.5)
+    assert decompose(d, scaled).coefficients["w"] == pytest.approx(1.0 / 1.01)
+    again = AttributeBasis.from_dict(scaled.to_dict())
+    np.testing.assert_array_equal(again.scale, scaled.scale)
+    assert AttributeBasis.from_dict(raw.to_dict()).scale is None
+    with pytest.raises(ValueError, match="one positive number per dimension"):
+        AttributeBasis(("w",), np.ones((1, 2)), scale=np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="one positive number per dimension"):
+        AttributeBasis(("w",), np.ones((1, 2)), scale=np.ones(3))
+
+
+def test_paired_differences_are_one_row_per_input():
+    def embed(texts):
+        return np.array([[len(t), 1.0] for t in texts])
+    rows = paired_differences(["aaa", "b"], ["a", "bb"], embed)
+    np.testing.assert_array_equal(rows, [[2.0, 0.0], [-1.0, 0.0]])
+    np.testing.assert_array_equal(difference_direction(["aaa", "b"], ["a", "bb"], embed), [0.5, 0.0])
 
 
 def test_l1_distance_counts_missing_words_as_zero():

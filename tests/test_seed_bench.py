@@ -7,7 +7,7 @@ import pytest
 from participants.lora_training import LoraSettings
 from protocols.seeds import TINY
 from simulation.seed_bench import SeedBenchSettings, bench_users, run_seed_bench
-from simulation.seed_building import build_catalog_from_labels, styleqa_groups, styleqa_probes
+from simulation.seed_building import ExplainSettings, build_catalog_from_labels, styleqa_groups, styleqa_probes
 
 SETTINGS = SeedBenchSettings(users_per_style=2, search_users_per_style=1, history=4, test=2, ft_steps=3, eval_every=1, styles_for_tuning=2,
                              sharer_steps=2, gate_steps=1, max_len=48, scaling_sizes=(2, 4))
@@ -18,7 +18,7 @@ def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeds")
     lora = LoraSettings(rank=4, alpha=8.0, steps=4, lr=0.02, batch_size=2, max_len=48)
     build_catalog_from_labels(root / "catalog", styleqa_groups(6, styles=(2, 5)), TINY, lora, styleqa_probes(2),
-                              ("expert", "concise", "friendly"), max_new_tokens=6)
+                              ExplainSettings(("expert", "concise", "friendly")), max_new_tokens=6)
     return root, run_seed_bench(root / "catalog", root / "out", SETTINGS)
 
 

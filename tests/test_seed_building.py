@@ -26,8 +26,8 @@ from protocols.records import PersonalRecord, save_records
 from protocols.seeds import TINY, materialize, weights_hash
 from simulation import seed_building
 from simulation.cli import main
-from simulation.seed_building import (build_catalog_from_labels, build_catalog_from_pool, mean_delta,
-                                      styleqa_groups, styleqa_probes)
+from simulation.seed_building import (ExplainSettings, build_catalog_from_labels, build_catalog_from_pool,
+                                      mean_delta, styleqa_groups, styleqa_probes)
 
 LORA = LoraSettings(rank=4, alpha=8.0, steps=20, lr=0.02, batch_size=2, max_len=32)
 WORDS = ("concise", "friendly", "expert")
@@ -52,7 +52,8 @@ def groups() -> dict[str, list[PersonalRecord]]:
 
 
 def build(out, lora=LORA, data=None, **kw):
-    return build_catalog_from_labels(out, data or groups(), TINY, lora, PROBES, WORDS, max_new_tokens=8,
+    return build_catalog_from_labels(out, data or groups(), TINY, lora, PROBES, ExplainSettings(WORDS),
+                                     max_new_tokens=8,
                                      built_from={"buzz": "test buzz", "abab": "test abab"}, embed=hashed_embed, **kw)
 
 
@@ -107,19 +108,40 @@ def test_the_basis_is_the_text_basis_of_the_words(built):
     assert set(EXEMPLARS) >= set(WORDS)
 
 
-def test_a_rerun_skips_built_seeds_and_a_stopped_one_is_only_explained(copy, monkeypatch):
+def no_generation(*args, **kwargs):
+    raise AssertionError("probe answers were generated again")
+
+
+def test_a_rerun_skips_built_seeds_and_a_stopped_one_is_only_answered(copy, monkeypatch):
     monkeypatch.setattr(seed_building, "train_private_lora", no_training)
     stamp = {f: f.stat().st_mtime_ns for f in copy.rglob("*.safetensors")}
     before = load_catalog(copy)
-    again = build(copy)
+    with monkeypatch.context() as m:
+        m.setattr(seed_building, "generate", no_generation)
+        again = build(copy)
     assert again.entries == before.entries
     assert {f: f.stat().st_mtime_ns for f in copy.rglob("*.safetensors")} == stamp
-    # stopped after writing a seed's folder but before its catalog entry: the delta is reused, not retrained
-    obj = json.loads((copy / "catalog.json").read_text())
-    obj["seeds"] = [s for s in obj["seeds"] if s["name"] != "buzz"]
-    (copy / "catalog.json").write_text(json.dumps(obj))
+    # stopped after writing a seed's folder but before its probe answers: the delta is reused, not retrained
+    (copy / "seeds" / "buzz" / "probe_answers.json").unlink()
     resumed = build(copy)
     assert resumed.entries == before.entries
+
+
+def test_other_explanation_settings_re_explain_without_training_or_answering(copy, monkeypatch):
+    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    monkeypatch.setattr(seed_building, "generate", no_generation)
+    before = load_catalog(copy)
+    fewer = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(("friendly", "expert")),
+                                      max_new_tokens=8, embed=hashed_embed)
+    assert fewer.words == ("friendly", "expert") and load_catalog(copy).words == ("friendly", "expert")
+    assert [e.content_hash for e in fewer.entries] == [e.content_hash for e in before.entries]
+    assert json.loads((copy / "build.json").read_text())["explain"]["words"] == ["friendly", "expert"]
+    unscaled = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, scaled=False),
+                                         max_new_tokens=8, embed=hashed_embed)
+    assert unscaled.basis.scale is None and before.basis.scale is not None
+    with pytest.raises(ValueError, match="--basis model"):
+        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, propose_words=4),
+                                  max_new_tokens=8, embed=hashed_embed)
 
 
 def test_a_damaged_seed_folder_is_rebuilt(copy):
@@ -133,7 +155,8 @@ def test_other_settings_or_other_data_are_refused_with_the_reason(copy):
     with pytest.raises(ValueError, match=r"other settings \(lora differ.*another --out"):
         build(copy, lora=LoraSettings(rank=4, alpha=8.0, steps=21, lr=0.02, batch_size=2, max_len=32))
     with pytest.raises(ValueError, match="max_new_tokens"):
-        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, WORDS, max_new_tokens=9, embed=hashed_embed)
+        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS), max_new_tokens=9,
+                                  embed=hashed_embed)
     data = groups()
     data["buzz"] = data["buzz"][:5]
     with pytest.raises(ValueError, match="seed 'buzz' .* was built from other data"):
@@ -145,12 +168,13 @@ def test_other_settings_or_other_data_are_refused_with_the_reason(copy):
 
 def test_probes_that_a_seed_trains_on_and_bad_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="probe prompt.*training inputs"):
-        build_catalog_from_labels(tmp_path, groups(), TINY, LORA, ["tell me about thing 3"], WORDS,
+        build_catalog_from_labels(tmp_path, groups(), TINY, LORA, ["tell me about thing 3"], ExplainSettings(WORDS),
                                   embed=hashed_embed)
     with pytest.raises(ValueError, match="folder names"):
         build(tmp_path, data={"a/b": groups()["buzz"]})
     with pytest.raises(ValueError, match="no hand-written exemplars"):
-        build_catalog_from_labels(tmp_path, groups(), TINY, LORA, PROBES, ("snarky",), embed=hashed_embed)
+        build_catalog_from_labels(tmp_path, groups(), TINY, LORA, PROBES, ExplainSettings(("snarky",)),
+                                  embed=hashed_embed)
     assert not (tmp_path / "catalog.json").exists()
     # a build that failed before its first catalog.json does not hold the folder to its settings
     quick = LoraSettings(rank=2, alpha=4.0, steps=1, batch_size=2, max_len=16)
@@ -176,13 +200,19 @@ def test_bouquet_seeds_build_from_a_jsonl_file_one_seed_per_user(tmp_path, capsy
     save_records(records, tmp_path / "users.jsonl")
     args = ["seeds", "build", "--data", str(tmp_path / "users.jsonl"), "--out", str(tmp_path / "cat"),
             "--seed-model", TINY, "--rows", "3", "--steps", "2", "--probes", "5", "--words", "2",
-            "--basis", "model", "--max-new-tokens", "4", "--batch-size", "2", "--max-len", "32"]
+            "--basis", "model", "--propose-words", "2", "--max-new-tokens", "4", "--batch-size", "2",
+            "--max-len", "32"]
     assert main(args) == 0
     catalog = load_catalog(tmp_path / "cat")
     assert [e.name for e in catalog.entries] == ["ann-x", "bob"]
     assert catalog.probes == ["question 3"], "only inputs no seed trains on are probes"
-    assert catalog.words == ("expert", "elementary") and catalog.basis.dim == 384  # MiniLM
-    assert json.loads((tmp_path / "cat" / "build.json").read_text())["basis"] == "model"
+    assert catalog.words[:2] == ("expert", "elementary") and len(catalog.words) <= 4
+    assert catalog.basis.dim == 384 and catalog.basis.scale is None  # MiniLM; one probe shows no spread
+    assert json.loads((tmp_path / "cat" / "build.json").read_text())["explain"]["basis"] == "model"
+    for name in ("ann-x", "bob"):
+        proposed = json.loads((catalog.seed_folder(name) / "proposed_words.json").read_text())["words"]
+        assert set(catalog.words[2:]) <= set(proposed) | {w for other in ("ann-x", "bob") for w in json.loads(
+            (catalog.seed_folder(other) / "proposed_words.json").read_text())["words"]}
     assert "user ann@x of users.jsonl, 3 rows" in capsys.readouterr().out
     assert main(args[:-2] + ["--max-len", "48"]) == 2
     assert "other settings (lora differ" in capsys.readouterr().err
@@ -241,7 +271,8 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
         pool.register_seed(RegisteredSeed(TINY, base.content_hash, seed_shapes(base.path)))
         accepted, refused = pool.add_many(p for m in group for p in m)
         assert not refused
-    catalog = build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES, words=WORDS,
+    catalog = build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES,
+                                      explain=ExplainSettings(WORDS),
                                       max_new_tokens=4, embed=hashed_embed)
     contributors = [m[0].contributor for m in group]
     same = sorted(contributors[:2])
@@ -259,7 +290,8 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
     torch.testing.assert_close(merged - bare, torch.from_numpy(expected_mean(group[:2], Q)), rtol=1e-4, atol=1e-6)
     assert weights_hash(catalog.seed_folder(pair.name) / "delta")
     with pytest.raises(ValueError, match="between 1 and 3"):
-        build_catalog_from_pool(tmp_path / "other", tmp_path / "run", None, 4, probes=PROBES, words=WORDS,
+        build_catalog_from_pool(tmp_path / "other", tmp_path / "run", None, 4, probes=PROBES,
+                                explain=ExplainSettings(WORDS),
                                 embed=hashed_embed)
     with pytest.raises(FileNotFoundError, match="neither a piece pool"):
         build_catalog_from_pool(tmp_path / "other", tmp_path, None, 1, probes=PROBES, embed=hashed_embed)
