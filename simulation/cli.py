@@ -237,6 +237,10 @@ def _add_seeds(sub) -> None:
     b.add_argument("--propose-words", type=int, default=0,
                    help="more attribute words, proposed by the base from each seed's answers against its own "
                         "(needs --basis model)")
+    b.add_argument("--corpus-words", action="store_true",
+                   help="one more attribute per seed's label (styleqa: e.g. expert-concise-friendly; a JSONL file: "
+                        "the user), embedded from the seed's training answers against the base's answers to the "
+                        "same inputs, the difference a device computes on its own data")
     b.add_argument("--basis-probes", type=int, default=16,
                    help="probes the model basis answers in each word's style (the first N)")
     b.add_argument("--unscaled", action="store_true",
@@ -296,7 +300,8 @@ def cmd_seeds_build(args) -> int:
     if not 1 <= args.words <= len(STYLE_WORDS):
         raise ValueError(f"--words must be between 1 and {len(STYLE_WORDS)}, got {args.words}")
     explain = sb.ExplainSettings(words=STYLE_WORDS[: args.words], basis=args.basis, propose_words=args.propose_words,
-                                 basis_probes=args.basis_probes, scaled=not args.unscaled)
+                                 basis_probes=args.basis_probes, scaled=not args.unscaled,
+                                 corpus=args.corpus_words)
     common = dict(explain=explain, max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()
     if args.from_pool:
@@ -308,12 +313,12 @@ def cmd_seeds_build(args) -> int:
     else:
         if args.clusters is not None:
             raise ValueError("--clusters only applies with --from-pool")
-        groups, built_from = _labeled_groups(args)
+        groups, built_from, labels = _labeled_groups(args)
         probes = _probe_prompts(args, avoid={r.input for records in groups.values() for r in records})
         lora = LoraSettings(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, max_len=args.max_len, seed=args.random_seed)
         catalog = sb.build_catalog_from_labels(args.out, groups, args.seed_model or DEFAULT_SEED, lora, probes,
-                                               built_from=built_from, **common)
+                                               built_from=built_from, labels=labels, **common)
     print("\n".join(format_catalog(catalog)))
     print(f"built in {time.perf_counter() - start:.0f} s")
     return 0
@@ -323,12 +328,13 @@ def _is_jsonl(data: str) -> bool:
     return data not in ("styleqa",) and Path(data).is_file()
 
 
-def _labeled_groups(args) -> tuple[dict, dict[str, str]]:
-    """Records per seed name, and what each seed is built from, for styleqa styles or JSONL users."""
+def _labeled_groups(args) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """Records per seed name, what each seed is built from, and its label in words (styleqa: its attributes;
+    a JSONL user: the user), for styleqa styles or JSONL users."""
     import re
 
     from protocols.records import group_by_user, load_records
-    from simulation.seed_building import styleqa_groups
+    from simulation.seed_building import STYLEQA_LABELS, styleqa_groups
 
     if args.rows < 1:
         raise ValueError(f"--rows must be at least 1, got {args.rows}")
@@ -343,7 +349,8 @@ def _labeled_groups(args) -> tuple[dict, dict[str, str]]:
         if not styles or any(not 1 <= s <= 8 for s in styles):
             raise ValueError(f"--styles takes style numbers 1..8 (0 is the unstylized reference), got {args.styles!r}")
         groups = styleqa_groups(args.rows, styles, folder)
-        return groups, {f"style{s}": f"styleqa style {s}, {args.rows} rows" for s in styles}
+        return groups, {f"style{s}": f"styleqa style {s}, {args.rows} rows" for s in styles}, \
+            {f"style{s}": STYLEQA_LABELS[s] for s in styles}
     groups, built_from = {}, {}
     for user, records in group_by_user(load_records(args.data)).items():
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", user).strip("-.") or "user"
@@ -352,7 +359,7 @@ def _labeled_groups(args) -> tuple[dict, dict[str, str]]:
                              f"{args.data}")
         groups[name] = records[: args.rows]
         built_from[name] = f"user {user} of {Path(args.data).name}, {len(groups[name])} rows"
-    return groups, built_from
+    return groups, built_from, {name: name for name in groups}
 
 
 def _probe_prompts(args, avoid: set[str]) -> list[str]:

@@ -54,6 +54,7 @@ BUILD_FILE = "build.json"
 ANSWERS_FILE = "probe_answers.json"  # per seed: its and the base's answers to the probes
 PROPOSALS_FILE = "proposed_words.json"  # per seed: the words the base proposed for it
 BASIS_FILE = "basis_answers.json"  # the base's styled and plain probe answers behind a model basis
+CORPUS_FILE = "corpus_answers.json"  # the base's answers to the labeled groups' inputs (corpus attributes)
 PROPOSAL_PAIRS = 4  # probe pairs per seed the base is asked to name the style of
 DEFAULT_WORDS = STYLE_WORDS[:8]
 _EXPLAIN_KEYS = frozenset({"explain", "words", "basis"})  # "words"/"basis": build.json of earlier versions
@@ -69,6 +70,10 @@ class ExplainSettings:
     basis          "text" (hand-written exemplars of each word) or "model" (the base answering the probes in
                    each word's style; needed for proposed words, which have no exemplars)
     propose_words  how many more words the base proposes from the seeds' answers (0: none)
+    corpus         one more attribute per labeled group (its label, e.g. "expert-concise-friendly"), embedded
+                   from the group's real answers against the base's answers to the same inputs: the difference
+                   a device computes on its own data, so both sit on the same side of the gap between written
+                   and generated text
     basis_probes   probes the model basis answers in each style (the first N of the catalog's probes)
     scaled         fit explanations in units of the per-dimension noise (AttributeBasis.scale)
     """
@@ -78,6 +83,7 @@ class ExplainSettings:
     propose_words: int = 0
     basis_probes: int = 16
     scaled: bool = True
+    corpus: bool = False
 
     def check(self, embed: Embed) -> None:
         if self.basis not in ("text", "model"):
@@ -116,8 +122,12 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                               base_source: str = DEFAULT_SEED, lora: LoraSettings | None = None,
                               probes: Sequence[str] = (), explain: ExplainSettings = ExplainSettings(),
                               max_new_tokens: int = 256, built_from: dict[str, str] | None = None,
-                              embed: Embed = minilm_embed, batch_size: int = 8) -> Catalog:
+                              embed: Embed = minilm_embed, batch_size: int = 8,
+                              labels: dict[str, str] | None = None) -> Catalog:
     """One seed per group: a LoRA trained from the base on the group's records, then explained.
+
+    `labels` names each group's style in words for the corpus attributes (`ExplainSettings.corpus`; default:
+    the group's name).
 
     Probe prompts must not be inputs a seed trains on: a seed would answer them from memory, and its
     explanation would describe its training answers rather than how it answers in general.
@@ -147,7 +157,11 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
         jobs.append(SeedJob(name, built_from.get(name, f"{len(records)} labeled records"),
                             _records_fingerprint(records), make))
     settings = {"from": "labels", "lora": _jsonable(asdict(lora))}
-    return _build(Path(out), base, jobs, list(probes), explain, max_new_tokens, settings, embed, batch_size)
+    labels = labels or {}
+    corpus = {labels.get(name, name): records for name, records in groups.items()}
+    if len(corpus) != len(groups):
+        raise ValueError("two groups share a label; corpus attributes need one label per group")
+    return _build(Path(out), base, jobs, list(probes), explain, max_new_tokens, settings, embed, batch_size, corpus)
 
 
 def _records_fingerprint(records: Sequence[PersonalRecord]) -> str:
@@ -315,6 +329,13 @@ def _pieces_fingerprint(pieces: Iterable[Piece]) -> str:
 # --- styleqa -----------------------------------------------------------------------------------------
 
 
+# The styles' attributes, as the data's README infers them (tone of 5 and 7 is also humorous).
+STYLEQA_LABELS = {1: "elementary-concise-friendly", 2: "elementary-concise-neutral",
+                  3: "elementary-informative-friendly", 4: "elementary-informative-neutral",
+                  5: "expert-concise-friendly", 6: "expert-concise-neutral", 7: "expert-informative-friendly",
+                  8: "expert-informative-neutral"}
+
+
 def styleqa_groups(rows_per_style: int, styles: Iterable[int] = STYLEQA_SEED_STYLES,
                    folder: Path | None = None) -> dict[str, list[PersonalRecord]]:
     """{"style{s}": the first N training rows of style s}; all styles answer the same training questions."""
@@ -359,8 +380,12 @@ def _plain_base(source: str) -> SeedDescriptor:
 
 
 def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[str], explain: ExplainSettings,
-           max_new_tokens: int, extra: dict, embed: Embed, batch_size: int) -> Catalog:
+           max_new_tokens: int, extra: dict, embed: Embed, batch_size: int,
+           corpus: dict[str, list[PersonalRecord]] | None = None) -> Catalog:
     explain.check(embed)
+    if explain.corpus and not corpus:
+        raise ValueError("corpus attributes are embedded from labeled groups; a catalog built from a pool has none "
+                         "(leave out --corpus-words)")
     if not probes:
         raise ValueError("no probe prompts: an explanation compares a seed's answers with the base's on probes")
     if max_new_tokens < 1:
@@ -408,11 +433,12 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                                                 "content_hash": materialize(source).content_hash,
                                                 "seed": answers, "base": base_answers})
             bar.update(seed=job.name)
-    return explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size)
+    return explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus)
 
 
 def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], probes: list[str],
-                    max_new_tokens: int, explain: ExplainSettings, embed: Embed, batch_size: int) -> Catalog:
+                    max_new_tokens: int, explain: ExplainSettings, embed: Embed, batch_size: int,
+                    corpus: dict[str, list[PersonalRecord]] | None = None) -> Catalog:
     """Once every seed has its probe answers: the vocabulary (given words, plus the ones the base proposes for
     the seeds), the attribute basis, the noise scale, and every seed's explanation, written as catalog.json.
 
@@ -431,6 +457,12 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     else:
         vectors = _model_basis(out, base, probes[:explain.basis_probes], vocabulary, max_new_tokens, embed,
                                batch_size)
+    if explain.corpus:
+        labels = [label for label in corpus if label not in vocabulary]
+        if labels:
+            vectors = np.vstack([vectors, _corpus_basis(out, base, {k: corpus[k] for k in labels}, max_new_tokens,
+                                                        embed, batch_size)])
+            vocabulary += labels
     groups = [d for d in differences.values() if len(d) > 1]
     basis = AttributeBasis(tuple(vocabulary), vectors, noise_scale(groups) if explain.scaled and groups else None)
     entries = []
@@ -483,6 +515,36 @@ def _model_basis(out: Path, base: SeedDescriptor, probes: list[str], words: list
                 _write_json(path, cache)
                 bar.update(word=word)
     return np.stack([difference_direction(cache["styled"][w], cache["plain"], embed) for w in words])
+
+
+def _corpus_basis(out: Path, base: SeedDescriptor, corpus: dict[str, list[PersonalRecord]], max_new_tokens: int,
+                  embed: Embed, batch_size: int) -> np.ndarray:
+    """Per label, its records' real answers (cut to `max_new_tokens` tokens, as a device cuts its own) against
+    the base's answers to the same inputs. The base answers each distinct input once (labeled groups often
+    share their questions), cached in corpus_answers.json."""
+    path = out / CORPUS_FILE
+    key = {"base_hash": base.content_hash, "max_new_tokens": max_new_tokens}
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if cache.get("key") != key:
+        cache = {"key": key, "answers": {}}
+    model = seed_loading.load_seed(base.seed_id)
+    inputs = (r.input for records in corpus.values() for r in records)
+    todo = list(dict.fromkeys(q for q in inputs if q not in cache["answers"]))
+    with progress(len(todo), "corpus attributes: base answers") as bar:
+        for start in range(0, len(todo), batch_size * 4):
+            chunk = todo[start:start + batch_size * 4]
+            answers = generate(model, [PersonalRecord("corpus", q, "") for q in chunk], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+            cache["answers"].update(zip(chunk, answers))
+            _write_json(path, cache)
+            bar.update(len(chunk))
+    tok = model.tokenizer
+    vectors = []
+    for records in corpus.values():
+        own = [tok.decode(tok(r.output, add_special_tokens=False)["input_ids"][:max_new_tokens]).strip()
+               for r in records]
+        vectors.append(difference_direction(own, [cache["answers"][r.input] for r in records], embed))
+    return np.stack(vectors)
 
 
 def _write_json(path: Path, obj) -> None:

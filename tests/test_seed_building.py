@@ -20,7 +20,7 @@ from participants.lora_training import LoraSettings
 from participants.seed_loading import load_seed
 from protocols.attribute_words import EXEMPLARS, text_basis
 from protocols.catalog import load_catalog
-from protocols.explanations import Explanation
+from protocols.explanations import Explanation, difference_direction
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord, save_records
 from protocols.seeds import TINY, materialize, weights_hash
@@ -142,6 +142,32 @@ def test_other_explanation_settings_re_explain_without_training_or_answering(cop
     with pytest.raises(ValueError, match="--basis model"):
         build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, propose_words=4),
                                   max_new_tokens=8, embed=hashed_embed)
+
+
+def test_corpus_words_are_embedded_from_each_groups_real_answers_against_the_base(copy, monkeypatch):
+    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    labels = {"buzz": "buzzy", "abab": "alternating"}
+    before = load_catalog(copy)
+    catalog = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, corpus=True),
+                                        max_new_tokens=8, embed=hashed_embed, labels=labels)
+    assert catalog.words == WORDS + ("buzzy", "alternating")
+    cached = json.loads((copy / "corpus_answers.json").read_text())["answers"]
+    assert sorted(cached) == sorted({r.input for r in groups()["buzz"]}), "shared inputs are answered once"
+    base = load_seed(TINY)
+    assert cached["tell me about thing 0"] == generate(base, [PersonalRecord("p", "tell me about thing 0", "")],
+                                                       max_new_tokens=8)[0]
+    tok = base.tokenizer
+    real = [tok.decode(tok(r.output, add_special_tokens=False)["input_ids"][:8]).strip() for r in groups()["buzz"]]
+    expected = difference_direction(real, [cached[r.input] for r in groups()["buzz"]], hashed_embed)
+    np.testing.assert_allclose(catalog.basis.vectors[WORDS.__len__()], expected)
+    # the seed that learned its group's answers ("zzz…") reads most as that group's label, and far better than
+    # the hand-written words alone explain it
+    coefficients = catalog.entry("buzz").explanation.coefficients
+    assert max(coefficients, key=coefficients.get) == "buzzy"
+    assert catalog.entry("buzz").explanation.residual < 0.5 < before.entry("buzz").explanation.residual
+    with pytest.raises(ValueError, match="share a label"):
+        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, corpus=True),
+                                  max_new_tokens=8, embed=hashed_embed, labels={"buzz": "x", "abab": "x"})
 
 
 def test_a_damaged_seed_folder_is_rebuilt(copy):
@@ -293,6 +319,9 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
         build_catalog_from_pool(tmp_path / "other", tmp_path / "run", None, 4, probes=PROBES,
                                 explain=ExplainSettings(WORDS),
                                 embed=hashed_embed)
+    with pytest.raises(ValueError, match="labeled groups"):
+        build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES, max_new_tokens=4,
+                                explain=ExplainSettings(WORDS, corpus=True), embed=hashed_embed)
     with pytest.raises(FileNotFoundError, match="neither a piece pool"):
         build_catalog_from_pool(tmp_path / "other", tmp_path, None, 1, probes=PROBES, embed=hashed_embed)
 
