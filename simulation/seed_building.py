@@ -449,7 +449,11 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     differences = {name: paired_differences(a["seed"], a["base"], embed) for name, a in answers.items()}
     vocabulary = list(explain.words)
     if explain.propose_words:
-        proposals = {name: _proposals(out / SEEDS_DIR / name, base, a) for name, a in answers.items()}
+        proposals = {}
+        with progress(len(answers), "words proposed by the base") as bar:
+            for name, a in answers.items():
+                proposals[name] = _proposals(out / SEEDS_DIR / name, base, a)
+                bar.update(seed=name)
         vocabulary += proposed_vocabulary(proposals, vocabulary, limit=explain.propose_words)
         log.info("words proposed by the base for the seeds: %s", ", ".join(vocabulary[len(explain.words):]))
     if explain.basis == "text":
