@@ -38,7 +38,7 @@ from participants.adapters import save_peft_adapter
 from participants.evaluation import generate
 from participants.lora_training import LoraSettings, LoraWeights, train_private_lora
 from participants.progress import log, progress
-from coordinator.word_proposal import propose_words, proposed_vocabulary
+from participants.word_proposal import propose_words, proposed_vocabulary
 from participants.style_direction import STYLE_INSTRUCTION
 from protocols.attribute_words import check_exemplars, text_basis
 from protocols.catalog import CATALOG_FILE, SEEDS_DIR, Catalog, CatalogEntry, load_catalog

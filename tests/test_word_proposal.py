@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from coordinator.word_proposal import propose_words, proposed_vocabulary
+from participants.word_proposal import propose_words, proposed_vocabulary
 
 
 def test_the_vocabulary_takes_each_seeds_best_new_words_in_turn():
