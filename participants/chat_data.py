@@ -33,6 +33,11 @@ def prompt_ids(tokenizer, user_text: str) -> list[int]:
                                               tokenize=True, add_generation_prompt=True))
 
 
+def clip_to_tokens(tokenizer, text: str, limit: int) -> str:
+    """The text cut to its first `limit` tokens, as a generation of `limit` new tokens would be cut."""
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:limit]).strip()
+
+
 def encode(tokenizer, rec: PersonalRecord, max_len: int) -> Example:
     """Prompt via the chat template, then the answer and the end-of-turn token.
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from participants.chat_data import clip_to_tokens
 from participants.evaluation import generate
 from participants.profile import embed_texts
 from participants.progress import progress
@@ -70,8 +71,7 @@ def own_style(seed: LoadedSeed, records: list[PersonalRecord], basis: AttributeB
 def own_direction(seed: LoadedSeed, records: list[PersonalRecord], max_new_tokens: int = 48) -> np.ndarray:
     """The difference between the own answers (cut to `max_new_tokens`) and the base's, in MiniLM space."""
     base_answers = generate(seed, records, max_new_tokens=max_new_tokens)
-    tok = seed.tokenizer
-    own = [tok.decode(tok(r.output, add_special_tokens=False)["input_ids"][:max_new_tokens]).strip() for r in records]
+    own = [clip_to_tokens(seed.tokenizer, r.output, max_new_tokens) for r in records]
     return difference_direction(own, base_answers)
 
 

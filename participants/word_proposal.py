@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from participants.chat_data import prompt_ids
+from participants.chat_data import clip_to_tokens, prompt_ids
 from participants.seed_loading import LoadedSeed
 
 QUESTION = ("Here are two answers to the same question.\n\nFirst answer:\n{plain}\n\nSecond answer:\n{styled}\n\n"
@@ -35,11 +35,6 @@ _NOT_STYLES = frozenset({
 _WORD = re.compile(r"[A-Za-z][a-z]+(?:-[a-z]+)?")
 
 
-def _clip(tokenizer, text: str, limit: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[:limit]).strip()
-
-
 @torch.no_grad()
 def propose_words(seed: LoadedSeed, pairs: Sequence[tuple[str, str]], first_tokens: int = 12,
                   answer_tokens: int = 160, word_tokens: int = 4) -> Counter[str]:
@@ -51,7 +46,7 @@ def propose_words(seed: LoadedSeed, pairs: Sequence[tuple[str, str]], first_toke
     tok, model = seed.tokenizer, seed.model
     scores: Counter[str] = Counter()
     for plain, styled in pairs:
-        question = QUESTION.format(plain=_clip(tok, plain, answer_tokens), styled=_clip(tok, styled, answer_tokens))
+        question = QUESTION.format(plain=clip_to_tokens(tok, plain, answer_tokens), styled=clip_to_tokens(tok, styled, answer_tokens))
         ids = prompt_ids(tok, question) + tok(REPLY_START, add_special_tokens=False)["input_ids"]
         prompt = torch.tensor([ids], device=seed.device)
         probs = torch.softmax(model(input_ids=prompt).logits[0, -1].float(), dim=-1)

@@ -35,6 +35,7 @@ from coordinator.explain_seed import minilm_embed
 from coordinator.pool import PiecePool
 from participants import seed_loading
 from participants.adapters import save_peft_adapter
+from participants.chat_data import clip_to_tokens
 from participants.evaluation import generate
 from participants.lora_training import LoraSettings, LoraWeights, train_private_lora
 from participants.progress import log, progress
@@ -542,11 +543,9 @@ def _corpus_basis(out: Path, base: SeedDescriptor, corpus: dict[str, list[Person
             cache["answers"].update(zip(chunk, answers))
             _write_json(path, cache)
             bar.update(len(chunk))
-    tok = model.tokenizer
     vectors = []
     for records in corpus.values():
-        own = [tok.decode(tok(r.output, add_special_tokens=False)["input_ids"][:max_new_tokens]).strip()
-               for r in records]
+        own = [clip_to_tokens(model.tokenizer, r.output, max_new_tokens) for r in records]
         vectors.append(difference_direction(own, [cache["answers"][r.input] for r in records], embed))
     return np.stack(vectors)
 
@@ -630,9 +629,8 @@ def _state(folder: Path, job: SeedJob, probes: list[str], max_new_tokens: int, k
     same = stored.get("probes") == probes and stored.get("max_new_tokens", max_new_tokens) == max_new_tokens
     answered_for = stored.get("content_hash") or known.get(job.name)  # answers written before hashes were stored
     if same and answered_for == content_hash:
-        stored["content_hash"] = content_hash
-        stored["max_new_tokens"] = max_new_tokens
-        _write_json(path, stored)
+        if "content_hash" not in stored or "max_new_tokens" not in stored:  # an earlier version's file: complete it
+            _write_json(path, stored | {"content_hash": content_hash, "max_new_tokens": max_new_tokens})
         return "done"
     return "answer"
 
