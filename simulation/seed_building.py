@@ -114,6 +114,7 @@ class SeedJob:
     built_from: str
     fingerprint: str  # what the seed is made of; a folder built from something else is never reused
     make_weights: Callable[[], tuple[LoraWeights, int, float]]  # (weights, rank, alpha)
+    label: str = ""  # the style in words, for corpus attributes (labeled builds only)
 
 
 # --- from labeled groups -----------------------------------------------------------------------------
@@ -159,7 +160,8 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                             _records_fingerprint(records), make))
     settings = {"from": "labels", "lora": _jsonable(asdict(lora))}
     labels = labels or {}
-    corpus = {labels.get(name, name): records for name, records in groups.items()}
+    jobs = [replace(job, label=labels.get(job.name, job.name)) for job in jobs]
+    corpus = {job.label: groups[job.name] for job in jobs}
     if len(corpus) != len(groups):
         raise ValueError("two groups share a label; corpus attributes need one label per group")
     return _build(Path(out), base, jobs, list(probes), explain, max_new_tokens, settings, embed, batch_size, corpus)
@@ -480,7 +482,25 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     catalog = Catalog(out, base.seed_id, base.content_hash, basis, probes, max_new_tokens,
                       sorted(entries, key=lambda e: e.name))
     catalog.save()
+    if explain.corpus:
+        for name, (own, other) in read_as_another_label(catalog.entries, {j.name: j.label for j in jobs}).items():
+            log.warning("seed %s reads most as %r, another seed's label, not as its own %r: its LoRA may not have "
+                        "learned its style (more --steps or --rows), and devices of that style will miss it",
+                        name, other, own)
     return catalog
+
+
+def read_as_another_label(entries: Sequence[CatalogEntry], labels: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Seeds whose largest label attribute is another seed's label: name -> (own label, the label it reads as)."""
+    known = set(labels.values())
+    found = {}
+    for entry in entries:
+        own = labels.get(entry.name)
+        named = {w: z for w, z in entry.explanation.coefficients.items() if w in known}
+        top = max(named, key=named.get) if named else None
+        if own is not None and top is not None and top != own:
+            found[entry.name] = (own, top)
+    return found
 
 
 def _proposals(folder: Path, base: SeedDescriptor, answers: dict) -> Counter[str]:

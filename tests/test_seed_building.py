@@ -19,7 +19,7 @@ from participants.evaluation import generate
 from participants.lora_training import LoraSettings
 from participants.seed_loading import load_seed
 from protocols.attribute_words import EXEMPLARS, text_basis
-from protocols.catalog import load_catalog
+from protocols.catalog import CatalogEntry, load_catalog
 from protocols.explanations import Explanation, difference_direction
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord, save_records
@@ -27,7 +27,7 @@ from protocols.seeds import TINY, materialize, weights_hash
 from simulation import seed_building
 from simulation.cli import main
 from simulation.seed_building import (ExplainSettings, build_catalog_from_labels, build_catalog_from_pool,
-                                      mean_delta, styleqa_groups, styleqa_probes)
+                                      mean_delta, read_as_another_label, styleqa_groups, styleqa_probes)
 
 LORA = LoraSettings(rank=4, alpha=8.0, steps=20, lr=0.02, batch_size=2, max_len=32)
 WORDS = ("concise", "friendly", "expert")
@@ -168,6 +168,17 @@ def test_corpus_words_are_embedded_from_each_groups_real_answers_against_the_bas
     with pytest.raises(ValueError, match="share a label"):
         build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, corpus=True),
                                   max_new_tokens=8, embed=hashed_embed, labels={"buzz": "x", "abab": "x"})
+
+
+def test_a_seed_that_reads_as_another_seeds_label_is_named():
+    def entry(name, coefficients):
+        return CatalogEntry(name, "h", Explanation(coefficients, 0.5), "test", 1)
+
+    labels = {"s1": "calm", "s2": "loud", "s3": "dry"}
+    entries = [entry("s1", {"calm": 0.5, "formal": 0.9}),  # a hand word ranks first: not a label mix-up
+               entry("s2", {"calm": 0.3, "loud": 0.1}),
+               entry("s3", {})]
+    assert read_as_another_label(entries, labels) == {"s2": ("loud", "calm")}
 
 
 def test_a_damaged_seed_folder_is_rebuilt(copy):
