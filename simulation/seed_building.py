@@ -54,7 +54,7 @@ from simulation.datasets import find_styleqa, styleqa_rows
 BUILD_FILE = "build.json"
 ANSWERS_FILE = "probe_answers.json"  # per seed: its and the base's answers to the probes
 PROPOSALS_FILE = "proposed_words.json"  # per seed: the words the base proposed for it
-BASIS_FILE = "basis_answers.json"  # the base's styled and plain probe answers behind a model basis
+BASIS_FILE = "basis_answers.json"  # the base's styled probe answers behind a model basis
 CORPUS_FILE = "corpus_answers.json"  # the base's answers to the labeled groups' inputs (corpus attributes)
 PROPOSAL_PAIRS = 4  # probe pairs per seed the base is asked to name the style of
 DEFAULT_WORDS = STYLE_WORDS[:8]
@@ -462,8 +462,10 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     if explain.basis == "text":
         vectors = text_basis(tuple(vocabulary), embed).vectors
     else:
-        vectors = _model_basis(out, base, probes[:explain.basis_probes], vocabulary, max_new_tokens, embed,
-                               batch_size)
+        # the base's plain answers to these probes are already stored beside every seed
+        n = explain.basis_probes
+        plain = next(iter(answers.values()))["base"][:n]
+        vectors = _model_basis(out, base, probes[:n], plain, vocabulary, max_new_tokens, embed, batch_size)
     if explain.corpus:
         labels = [label for label in corpus if label not in vocabulary]
         if labels:
@@ -517,21 +519,18 @@ def _proposals(folder: Path, base: SeedDescriptor, answers: dict) -> Counter[str
     return words
 
 
-def _model_basis(out: Path, base: SeedDescriptor, probes: list[str], words: list[str], max_new_tokens: int,
-                 embed: Embed, batch_size: int) -> np.ndarray:
-    """Per word, the base's answers to "Answer in a <word> style." + probe against its plain answers (as the
-    devices embed them); the answers are cached per word, so adding a word generates only that word's."""
+def _model_basis(out: Path, base: SeedDescriptor, probes: list[str], plain: list[str], words: list[str],
+                 max_new_tokens: int, embed: Embed, batch_size: int) -> np.ndarray:
+    """Per word, the base's answers to "Answer in a <word> style." + probe against its `plain` answers (as the
+    devices embed them); the styled answers are cached per word, so adding a word generates only that word's."""
     path = out / BASIS_FILE
     key = {"base_hash": base.content_hash, "probes": probes, "max_new_tokens": max_new_tokens}
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if cache.get("key") != key:
-        cache = {"key": key, "plain": None, "styled": {}}
+        cache = {"key": key, "styled": {}}
     todo = [w for w in words if w not in cache["styled"]]
-    if todo or cache["plain"] is None:
+    if todo:
         model = seed_loading.load_seed(base.seed_id)
-        if cache["plain"] is None:
-            cache["plain"] = generate(model, [PersonalRecord("probe", p, "") for p in probes],
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
         with progress(len(todo), "attribute basis") as bar:
             for word in todo:
                 prompts = [f"{STYLE_INSTRUCTION.format(word=word)}\n\n{p}" for p in probes]
@@ -539,7 +538,7 @@ def _model_basis(out: Path, base: SeedDescriptor, probes: list[str], words: list
                                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
                 _write_json(path, cache)
                 bar.update(word=word)
-    return np.stack([difference_direction(cache["styled"][w], cache["plain"], embed) for w in words])
+    return np.stack([difference_direction(cache["styled"][w], plain, embed) for w in words])
 
 
 def _corpus_basis(out: Path, base: SeedDescriptor, corpus: dict[str, list[PersonalRecord]], max_new_tokens: int,

@@ -246,6 +246,9 @@ def test_bouquet_seeds_build_from_a_jsonl_file_one_seed_per_user(tmp_path, capsy
     assert catalog.words[:2] == ("expert", "elementary") and len(catalog.words) <= 4
     assert catalog.basis.dim == 384 and catalog.basis.scale is None  # MiniLM; one probe shows no spread
     assert json.loads((tmp_path / "cat" / "build.json").read_text())["explain"]["basis"] == "model"
+    # one styled answer set per word; the plain side is the base's stored probe answers, not generated again
+    basis_cache = json.loads((tmp_path / "cat" / "basis_answers.json").read_text())
+    assert set(basis_cache) == {"key", "styled"} and set(basis_cache["styled"]) == set(catalog.words)
     for name in ("ann-x", "bob"):
         proposed = json.loads((catalog.seed_folder(name) / "proposed_words.json").read_text())["words"]
         assert set(catalog.words[2:]) <= set(proposed) | {w for other in ("ann-x", "bob") for w in json.loads(
