@@ -227,7 +227,8 @@ def _add_seeds(sub) -> None:
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--batch-size", type=int, default=4)
     b.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
-    b.add_argument("--probes", type=int, default=16, help="probe prompts the seeds and the base answer")
+    b.add_argument("--probes", type=int, default=16,
+                   help="probe prompts the seeds and the base answer (more on a rerun: only the new ones are answered)")
     b.add_argument("--words", type=int, default=8,
                    help="the first N of the 16 style words (protocols.explanations.STYLE_WORDS: expert, "
                         "elementary, concise, informative, friendly, formal, neutral, humorous, …)")

@@ -39,8 +39,8 @@ from participants.chat_data import clip_to_tokens
 from participants.evaluation import generate
 from participants.lora_training import LoraSettings, LoraWeights, train_private_lora
 from participants.progress import log, progress
-from participants.word_proposal import propose_words, proposed_vocabulary
 from participants.style_direction import STYLE_INSTRUCTION
+from participants.word_proposal import propose_words, proposed_vocabulary
 from protocols.attribute_words import check_exemplars, text_basis
 from protocols.catalog import CATALOG_FILE, SEEDS_DIR, Catalog, CatalogEntry, load_catalog
 from protocols.explanations import (STYLE_WORDS, AttributeBasis, Embed, decompose, difference_direction,
@@ -59,6 +59,7 @@ CORPUS_FILE = "corpus_answers.json"  # the base's answers to the labeled groups'
 PROPOSAL_PAIRS = 4  # probe pairs per seed the base is asked to name the style of
 DEFAULT_WORDS = STYLE_WORDS[:8]
 _EXPLAIN_KEYS = frozenset({"explain", "words", "basis"})  # "words"/"basis": build.json of earlier versions
+_ANSWER_KEYS = frozenset({"probes", "max_new_tokens"})  # changing these re-answers the seeds, never retrains them
 STYLEQA_SEED_STYLES = range(1, 9)  # style 0 is the unstylized reference, not a style to offer
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -402,8 +403,7 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                 "embed": f"{embed.__module__}.{getattr(embed, '__qualname__', repr(embed))}"} | extra
     _check_settings(out, settings, explain.to_dict())
     known = _known_hashes(out)
-    records = [PersonalRecord(user="probe", input=p, output="") for p in probes]
-    base_answers: list[str] | None = None
+    base_answers: dict[str, str] | None = None
     forget = getattr(seed_loading, "forget_seed", None)
     with progress(len(jobs), "seed catalog") as bar:
         for job in jobs:
@@ -419,22 +419,28 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                                   lambda path, w=weights, r=rank, a=alpha: save_peft_adapter(
                                       path, w, r, a, base_model=base.seed_id),
                                   info={"built_from": job.built_from, "fingerprint": job.fingerprint})
-            if base_answers is None:
-                base_answers = _stored_base_answers(out, jobs, probes, max_new_tokens) or generate(
-                    seed_loading.load_seed(base.seed_id), records, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size)
             source = str(folder.resolve())
-            seed = seed_loading.load_seed(source)
+            content_hash = materialize(source).content_hash
+            if base_answers is None:
+                base_answers = _stored_base_answers(out, jobs, max_new_tokens)
+                missing = [p for p in probes if p not in base_answers]
+                if missing:
+                    base_answers |= dict(zip(missing, _answer(base.seed_id, missing, max_new_tokens, batch_size)))
+            kept = _kept_answers(folder, content_hash, max_new_tokens, known.get(job.name))
+            missing = [p for p in probes if p not in kept]
+            if kept:
+                log.info("seed %s: %d probe answers kept from an earlier build, %d to generate", job.name,
+                         len(probes) - len(missing), len(missing))
             try:
-                answers = generate(seed, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                kept |= dict(zip(missing, _answer(source, missing, max_new_tokens, batch_size)))
             finally:
-                del seed
                 if forget is not None:
                     forget(source)
             # kept beside the seed (not in catalog.json, which devices download) to re-explain it without generating
             _write_json(folder / ANSWERS_FILE, {"probes": probes, "max_new_tokens": max_new_tokens,
-                                                "content_hash": materialize(source).content_hash,
-                                                "seed": answers, "base": base_answers})
+                                                "content_hash": content_hash,
+                                                "seed": [kept[p] for p in probes],
+                                                "base": [base_answers[p] for p in probes]})
             bar.update(seed=job.name)
     return explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus)
 
@@ -583,14 +589,38 @@ def _known_hashes(out: Path) -> dict[str, str]:
         return {}
 
 
-def _stored_base_answers(out: Path, jobs: Sequence[SeedJob], probes: list[str], max_new_tokens: int) -> list[str]:
+def _answer(source: str, probes: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    if not probes:
+        return []
+    records = [PersonalRecord(user="probe", input=p, output="") for p in probes]
+    return generate(seed_loading.load_seed(source), records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def _stored_answers(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # a damaged file is answered again
+        return {}
+
+
+def _stored_base_answers(out: Path, jobs: Sequence[SeedJob], max_new_tokens: int) -> dict[str, str]:
+    """Probe -> the base's answer, from every seed's stored answers of this length (the base's answers do not
+    depend on the seed, so probes added on a rerun are the only ones the base answers again)."""
+    found: dict[str, str] = {}
     for job in jobs:
-        path = out / SEEDS_DIR / job.name / ANSWERS_FILE
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            if stored.get("probes") == probes and stored.get("max_new_tokens", max_new_tokens) == max_new_tokens:
-                return stored["base"]
-    return []
+        stored = _stored_answers(out / SEEDS_DIR / job.name / ANSWERS_FILE)
+        if stored.get("max_new_tokens", max_new_tokens) == max_new_tokens and "base" in stored:
+            found |= dict(zip(stored["probes"], stored["base"]))
+    return found
+
+
+def _kept_answers(folder: Path, content_hash: str, max_new_tokens: int, known_hash: str | None) -> dict[str, str]:
+    """Probe -> this seed's stored answer, when it was generated by these very weights at this length."""
+    stored = _stored_answers(folder / ANSWERS_FILE)
+    answered_for = stored.get("content_hash") or known_hash  # answers written before hashes were stored
+    if not stored or answered_for != content_hash or stored.get("max_new_tokens", max_new_tokens) != max_new_tokens:
+        return {}
+    return dict(zip(stored["probes"], stored["seed"]))
 
 
 def _check_settings(out: Path, settings: dict, explain: dict) -> None:
@@ -603,8 +633,12 @@ def _check_settings(out: Path, settings: dict, explain: dict) -> None:
             before = json.loads(path.read_text())
         except ValueError as err:
             raise ValueError(f"{path} is damaged ({err}); build into another --out folder") from None
-        before = {k: v for k, v in before.items() if k not in _EXPLAIN_KEYS}
-        changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+        if any(before.get(k) != settings.get(k) for k in _ANSWER_KEYS):
+            log.info("probes or answer length changed: the seeds are answered again (answers to probes they already "
+                     "answered at this length are kept), not retrained")
+        before = {k: v for k, v in before.items() if k not in _EXPLAIN_KEYS | _ANSWER_KEYS}
+        changed = sorted(k for k in settings.keys() | before.keys()
+                         if k not in _ANSWER_KEYS and settings.get(k) != before.get(k))
         if changed:
             raise ValueError(f"the catalog at {out} was built with other settings ({', '.join(changed)} differ: "
                              f"{_difference(before, settings, changed[0])}); rerun with the same settings to "
@@ -638,18 +672,10 @@ def _state(folder: Path, job: SeedJob, probes: list[str], max_new_tokens: int, k
     except ValueError as err:
         log.warning("seed %s: rebuilding a damaged folder (%s)", job.name, err)
         return "build"
-    path = folder / ANSWERS_FILE
-    if not path.is_file():
-        return "answer"
-    try:
-        stored = json.loads(path.read_text())
-    except ValueError:
-        return "answer"
-    same = stored.get("probes") == probes and stored.get("max_new_tokens", max_new_tokens) == max_new_tokens
-    answered_for = stored.get("content_hash") or known.get(job.name)  # answers written before hashes were stored
-    if same and answered_for == content_hash:
+    stored = _stored_answers(folder / ANSWERS_FILE)
+    if stored.get("probes") == probes and _kept_answers(folder, content_hash, max_new_tokens, known.get(job.name)):
         if "content_hash" not in stored or "max_new_tokens" not in stored:  # an earlier version's file: complete it
-            _write_json(path, stored | {"content_hash": content_hash, "max_new_tokens": max_new_tokens})
+            _write_json(folder / ANSWERS_FILE, stored | {"content_hash": content_hash, "max_new_tokens": max_new_tokens})
         return "done"
     return "answer"
 

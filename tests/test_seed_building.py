@@ -181,6 +181,32 @@ def test_a_seed_that_reads_as_another_seeds_label_is_named():
     assert read_as_another_label(entries, labels) == {"s2": ("loud", "calm")}
 
 
+def test_other_probes_or_answer_length_re_answer_only_what_is_new_without_training(copy, monkeypatch):
+    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    asked = []
+
+    def recording(seed, records, **kwargs):
+        asked.append([r.input for r in records])
+        return generate(seed, records, **kwargs)
+
+    monkeypatch.setattr(seed_building, "generate", recording)
+    before = {name: json.loads((copy / "seeds" / name / "probe_answers.json").read_text())
+              for name in ("abab", "buzz")}
+    more = PROBES + ["Why is the sky blue?"]
+    catalog = build_catalog_from_labels(copy, groups(), TINY, LORA, more, ExplainSettings(WORDS), max_new_tokens=8,
+                                        embed=hashed_embed)
+    assert asked == [["Why is the sky blue?"]] * 3  # the base once, then each seed: only the new probe
+    assert catalog.probes == more and json.loads((copy / "build.json").read_text())["probes"] == more
+    for name, old in before.items():
+        now = json.loads((copy / "seeds" / name / "probe_answers.json").read_text())
+        assert now["probes"] == more and now["seed"][:2] == old["seed"] and now["base"][:2] == old["base"]
+        assert len(now["seed"]) == len(now["base"]) == 3
+    asked.clear()
+    longer = build_catalog_from_labels(copy, groups(), TINY, LORA, more, ExplainSettings(WORDS), max_new_tokens=9,
+                                       embed=hashed_embed)
+    assert asked == [more] * 3 and longer.max_new_tokens == 9  # another length: every probe answered again
+
+
 def test_a_damaged_seed_folder_is_rebuilt(copy):
     (copy / "seeds" / "buzz" / "delta" / "adapter_config.json").unlink()
     resumed = build(copy)
@@ -191,9 +217,6 @@ def test_a_damaged_seed_folder_is_rebuilt(copy):
 def test_other_settings_or_other_data_are_refused_with_the_reason(copy):
     with pytest.raises(ValueError, match=r"other settings \(lora differ.*another --out"):
         build(copy, lora=LoraSettings(rank=4, alpha=8.0, steps=21, lr=0.02, batch_size=2, max_len=32))
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS), max_new_tokens=9,
-                                  embed=hashed_embed)
     data = groups()
     data["buzz"] = data["buzz"][:5]
     with pytest.raises(ValueError, match="seed 'buzz' .* was built from other data"):
