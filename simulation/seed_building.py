@@ -424,15 +424,16 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
             if base_answers is None:
                 base_answers = _stored_base_answers(out, jobs, max_new_tokens)
                 missing = [p for p in probes if p not in base_answers]
-                if missing:
-                    base_answers |= dict(zip(missing, _answer(base.seed_id, missing, max_new_tokens, batch_size)))
+                answered = _answer(base.seed_id, missing, max_new_tokens, batch_size, "base: probe answers")
+                base_answers |= dict(zip(missing, answered))
             kept = _kept_answers(folder, content_hash, max_new_tokens, known.get(job.name))
             missing = [p for p in probes if p not in kept]
             if kept:
                 log.info("seed %s: %d probe answers kept from an earlier build, %d to generate", job.name,
                          len(probes) - len(missing), len(missing))
             try:
-                kept |= dict(zip(missing, _answer(source, missing, max_new_tokens, batch_size)))
+                kept |= dict(zip(missing, _answer(source, missing, max_new_tokens, batch_size,
+                                                  f"seed {job.name}: probe answers")))
             finally:
                 if forget is not None:
                     forget(source)
@@ -589,11 +590,19 @@ def _known_hashes(out: Path) -> dict[str, str]:
         return {}
 
 
-def _answer(source: str, probes: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def _answer(source: str, probes: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+    """The model's greedy answers to the probes, a batch at a time behind a progress display."""
     if not probes:
         return []
+    seed = seed_loading.load_seed(source)
     records = [PersonalRecord(user="probe", input=p, output="") for p in probes]
-    return generate(seed_loading.load_seed(source), records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers: list[str] = []
+    with progress(len(records), desc) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            answers += generate(seed, chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            bar.update(len(chunk))
+    return answers
 
 
 def _stored_answers(path: Path) -> dict:
