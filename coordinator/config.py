@@ -15,7 +15,7 @@ from protocols.seeds import DEFAULT_SEED
 class RunSettings:
     seed: str = DEFAULT_SEED
     catalog: str = ""  # a seed catalog folder: every participant first picks its seed from it ("" = none)
-    max_seed_distance: float = 0.0  # L1 beyond which a participant keeps the base (0 = always the nearest)
+    max_seed_distance: float = 0.0  # mix L1 (0..2) beyond which a participant keeps the base; 0 = nearest
     out_dir: str = "bouquet-run"
     num_sharers: int = 4
     num_newcomers: int = 2

@@ -1,7 +1,8 @@
 """On-device seed selection (XPerT): explain the participant's own style in attribute words, pick the nearest seed.
 
 The device compares its own answers with what the base model says to the same inputs, writes the difference
-in the catalog's attribute words, and takes the seed whose explanation is nearest in L1. Only the explanations
+in the catalog's attribute words, and takes the seed whose explanation has the nearest mix of attributes (L1
+between the coefficients as shares, `explanations.mix_distance`). Only the explanations
 of the seeds are needed, never their weights, so choosing among many seeds costs no more than among a few;
 and the user's texts never leave `own_style`.
 """
@@ -21,7 +22,7 @@ from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols import explanations
 from protocols.catalog import Catalog
-from protocols.explanations import AttributeBasis, Explanation, decompose, describe, l1_distance
+from protocols.explanations import AttributeBasis, Explanation, decompose, describe, mix_distance
 from protocols.records import PersonalRecord
 
 STYLE_INSTRUCTION = "Answer in a {word} style."
@@ -30,7 +31,7 @@ STYLE_INSTRUCTION = "Answer in a {word} style."
 @dataclass
 class Selection:
     seed_id: str | None  # None: no seed is near enough, keep the base
-    distance: float  # L1 distance to the nearest seed (inf for an empty catalog)
+    distance: float  # mix distance (L1 between shares, 0..2) to the nearest seed; inf for an empty catalog
     distances: dict[str, float]
     reason: str
     direction: np.ndarray | None = None  # the own style direction the explanation was decomposed from
@@ -77,18 +78,19 @@ def own_direction(seed: LoadedSeed, records: list[PersonalRecord], max_new_token
 
 def select_seed(own: Explanation, catalog: dict[str, Explanation], words: Sequence[str],
                 max_distance: float = math.inf) -> Selection:
-    """The seed whose explanation is nearest to `own` in L1 over `words` (ties: the smaller id), or none
+    """The seed whose mix of attributes is nearest to `own`'s (L1 over `words`; ties: the smaller id), or none
     when even the nearest is farther than `max_distance`; the reason says both in words."""
-    distances = {seed_id: l1_distance(own, expl, words) for seed_id, expl in catalog.items()}
+    distances = {seed_id: mix_distance(own, expl, words) for seed_id, expl in catalog.items()}
     reads = f"your data reads as: {describe(own)}"
     if not distances:
         return Selection(None, math.inf, {}, f"{reads}; the catalog is empty, falling back to the base")
     nearest = min(distances, key=lambda s: (distances[s], s))
     gap = distances[nearest]
     if gap > max_distance:
-        return Selection(None, gap, distances, f"{reads}; no seed is near (nearest: {nearest}, L1 {gap:.2f} > "
+        return Selection(None, gap, distances, f"{reads}; no seed is near (nearest: {nearest}, mix L1 {gap:.2f} > "
                                               f"{max_distance:.2f}); falling back to the base")
-    return Selection(nearest, gap, distances, f"{reads}; nearest seed: {nearest} (L1 {gap:.2f})")
+    return Selection(nearest, gap, distances, f"{reads}; nearest seed: {nearest}, which reads as: "
+                                              f"{describe(catalog[nearest])}; mix L1 {gap:.2f}")
 
 
 def choose_from_catalog(base: LoadedSeed, records: list[PersonalRecord], catalog: Catalog,

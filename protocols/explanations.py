@@ -4,7 +4,8 @@ A style difference is a direction in the sentence-embedding space: the mean embe
 minus the mean embedding of the plain answers to the same inputs. An `AttributeBasis` holds one such direction
 per named attribute ("expert", "concise", …). An `Explanation` writes a difference as non-negative amounts of
 those attributes, so that a seed's explanation and a participant's own style are comparable numbers a person
-can read, and the nearest seed is found by the L1 distance between them.
+can read, and the nearest seed is found by the L1 distance between their mixes (the coefficients as shares
+of their sum, see `mix_distance`).
 
 The coordinator explains its seeds and the device explains its own data with these same functions; only the
 texts and the embedder are supplied by each side, so no model code lives here.
@@ -84,6 +85,16 @@ class Explanation:
 
     coefficients: dict[str, float]
     residual: float
+
+    @property
+    def strength(self) -> float:
+        """Σ z: how far the style is from the base's, in attribute units."""
+        return float(sum(self.coefficients.values()))
+
+    def mix(self) -> Explanation:
+        """The same explanation with its coefficients as shares of their sum (no attribute: no coefficient)."""
+        total = self.strength
+        return Explanation({w: z / total for w, z in self.coefficients.items()} if total > 0 else {}, self.residual)
 
     def to_dict(self) -> dict:
         return {"coefficients": dict(self.coefficients), "residual": self.residual}
@@ -175,6 +186,18 @@ def decompose(direction: np.ndarray, basis: AttributeBasis, max_terms: int | Non
 def l1_distance(a: Explanation, b: Explanation, words: Sequence[str]) -> float:
     """Σ_w |a_w − b_w| over the vocabulary, a word an explanation does not name counting as 0."""
     return float(sum(abs(a.coefficients.get(w, 0.0) - b.coefficients.get(w, 0.0)) for w in words))
+
+
+def mix_distance(a: Explanation, b: Explanation, words: Sequence[str]) -> float:
+    """L1 distance between the two mixes (0: the same attributes in the same shares; at most 2).
+
+    Why the mix and not the raw coefficients: a seed's LoRA reproduces its style only in part, so its answers
+    move less far from the base's than its users' own writing does (on styleqa the seeds' coefficients sum to
+    0.3–0.8, the users' to 0.8–1.6). Raw L1 then charges every seed for that shortfall, most of all the
+    strongest ones, and sends users to whichever seed is weakest; which attributes, in which shares, is what
+    names a style.
+    """
+    return l1_distance(a.mix(), b.mix(), words)
 
 
 def describe(expl: Explanation, top: int = 4) -> str:

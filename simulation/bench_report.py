@@ -175,10 +175,10 @@ def _seed_choice(seeds: dict) -> list[str]:
     pieces = ", ".join(f"{name} {n}" for name, n in seeds["pool_pieces"].items())
     lines = ["## seed choice", "",
              f"Catalog `{seeds['catalog']}`. Before anything else every participant picked its seed on its own "
-             f"history (its style against the base's answers, in the catalog's words; the nearest seed in L1). "
+             f"history (its style against the base's answers, in the catalog's words; the seed with the nearest mix of attributes). "
              f"Sharers trained on their seed and shared into its pool; every method of a target ran on the "
              f"target's seed, or on the base when no sharer's pieces were there. Pool pieces per seed: {pieces}.",
-             "", "| user | role | chosen seed | L1 | ran on |", "|---|---|---|---|---|"]
+             "", "| user | role | chosen seed | mix L1 | ran on |", "|---|---|---|---|---|"]
     for user, sel in sorted(seeds["participants"].items(), key=lambda it: (it[1]["role"], it[0])):
         l1 = "–" if sel["distance"] is None else f"{sel['distance']:.2f}"
         lines.append(f"| {user} | {sel['role']} | {sel['seed']} | {l1} | {sel.get('ran_on', sel['seed'])} |")

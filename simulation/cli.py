@@ -24,7 +24,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--catalog", default="", help="a seed catalog folder (`bouquet seeds build`): every participant "
                    "first picks its seed from the explanations, and pieces are pooled per seed")
     p.add_argument("--max-seed-distance", type=float, default=0.0,
-                   help="with --catalog: keep the base when the nearest seed is farther (L1); 0 = always the nearest")
+                   help="with --catalog: keep the base when the nearest seed's mix of attributes is farther "
+                        "(L1 between shares, 0..2); 0 = always the nearest")
     p.add_argument("--users", type=int, default=None, help="virtual participants (default: all users of the data)")
     p.add_argument("--sharers", type=int, default=4)
     p.add_argument("--newcomers", type=int, default=2)

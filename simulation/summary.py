@@ -20,7 +20,7 @@ def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) 
             console = Console(width=160)
     if metrics.get("selections"):
         chosen = Table(title="seed choice on each device (XPerT)")
-        for col in ("user", "seed", "L1", "s", "why"):
+        for col in ("user", "seed", "mix L1", "s", "why"):
             chosen.add_column(col)
         for user, m in sorted(metrics["selections"].items()):
             chosen.add_row(user, m["seed"], f"{m['distance']:.2f}", f"{m.get('selection-seconds', 0):.1f}",

@@ -7,7 +7,7 @@ Styles 1–8 answer the same training questions, and style 0 (the unstylized ans
 test file. So each style s stands in for a trained seed: its explanation is the difference between its answers
 and style 0's on P probe questions, decomposed over the first W attribute words. Each styleqa user of styles 1–8
 explains its own history (H items, none of them a probe) against style 0's answers to the same questions, and
-picks the nearest seed in L1 (style 0's answers stand in for the base model's on both sides, so no answer is
+picks the seed with the nearest mix of attributes (style 0's answers stand in for the base model's on both sides, so no answer is
 generated for users or seeds). Printed: the seeds' explanations, the confusion matrix, the accuracy, the same for
 the nearest raw difference direction (cosine, 384-d: the same data without the words), and the time per
 selection.
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         nearest = max(directions, key=lambda seed_id: _cosine(direction, directions[seed_id]))
         by_direction[truth, int(nearest.removeprefix("style")) - 1] += 1
 
-    _print_confusion(f"nearest explanation (L1 over {len(words)} words)", by_words)
+    _print_confusion(f"nearest explanation (mix L1 over {len(words)} words)", by_words)
     _print_confusion("reference: nearest raw difference direction (cosine, 384-d)", by_direction)
     print(f"\nper selection: explaining the own data {1e3 * np.median(explain_s):.0f} ms (median; embedding "
           f"{2 * args.history} texts and decomposing), choosing among {len(catalog)} seeds "

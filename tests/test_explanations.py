@@ -7,7 +7,8 @@ import pytest
 
 from participants.style_direction import Selection, attribute_basis, own_style, select_seed
 from protocols.explanations import (STYLE_WORDS, AttributeBasis, Explanation, decompose, describe,
-                                    difference_direction, l1_distance, noise_scale, paired_differences)
+                                    difference_direction, l1_distance, mix_distance, noise_scale,
+                                    paired_differences)
 from protocols.records import PersonalRecord
 
 
@@ -113,20 +114,35 @@ def test_l1_distance_counts_missing_words_as_zero():
     assert l1_distance(a, b, ("expert",)) == pytest.approx(0.25)
 
 
-def test_select_seed_takes_the_nearest_and_falls_back_to_the_base_when_none_is_near():
+def test_select_seed_takes_the_nearest_mix_and_falls_back_to_the_base_when_none_is_near():
     own = Explanation({"expert": 0.6, "concise": 0.3}, 0.2)
     catalog = {"style6": Explanation({"expert": 0.5, "concise": 0.3}, 0.3),
                "style1": Explanation({"friendly": 0.7, "elementary": 0.2}, 0.4)}
     chosen = select_seed(own, catalog, STYLE_WORDS, max_distance=0.5)
     assert isinstance(chosen, Selection)
-    assert chosen.seed_id == "style6" and chosen.distance == pytest.approx(0.1)
-    assert chosen.distances["style1"] == pytest.approx(0.6 + 0.3 + 0.7 + 0.2)
-    assert chosen.reason == ("your data reads as: expert 0.60, concise 0.30 (residual 0.20); "
-                             "nearest seed: style6 (L1 0.10)")
+    assert chosen.seed_id == "style6" and chosen.distance == pytest.approx(2 * (2 / 3 - 0.5 / 0.8))
+    assert chosen.distances["style1"] == pytest.approx(2.0)  # no attribute in common: the largest distance
+    assert chosen.reason == ("your data reads as: expert 0.60, concise 0.30 (residual 0.20); nearest seed: style6, "
+                             "which reads as: expert 0.50, concise 0.30 (residual 0.30); mix L1 0.08")
 
     far = select_seed(own, {"style1": catalog["style1"]}, STYLE_WORDS, max_distance=0.5)
     assert far.seed_id is None and "no seed is near" in far.reason and "falling back to the base" in far.reason
     assert select_seed(own, {}, STYLE_WORDS, max_distance=0.5).seed_id is None
+
+
+def test_the_mix_not_the_strength_decides_which_seed_is_nearest():
+    """A seed that shows the user's style at half its strength is nearer than a stronger seed of another mix,
+    although raw L1 would prefer the stronger one."""
+    own = Explanation({"expert": 0.8, "concise": 0.4}, 0.5)
+    same_but_weak = Explanation({"expert": 0.4, "concise": 0.2}, 0.5)
+    other_but_strong = Explanation({"expert": 0.8, "concise": 0.1, "friendly": 0.1}, 0.5)
+    assert l1_distance(own, other_but_strong, STYLE_WORDS) < l1_distance(own, same_but_weak, STYLE_WORDS)
+    assert mix_distance(own, same_but_weak, STYLE_WORDS) == pytest.approx(0.0)
+    assert select_seed(own, {"a": other_but_strong, "b": same_but_weak}, STYLE_WORDS).seed_id == "b"
+    assert same_but_weak.strength == pytest.approx(0.6) and own.mix().coefficients == pytest.approx(
+        {"expert": 2 / 3, "concise": 1 / 3})
+    empty = Explanation({}, 1.0)
+    assert empty.mix().coefficients == {} and mix_distance(empty, own, STYLE_WORDS) == pytest.approx(1.0)
 
 
 def test_describe_names_the_largest_attributes():
