@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.explain_seed import minilm_embed
 from coordinator.pool import PiecePool
 from coordinator.validation import RegisteredSeed, seed_shapes
 from participants.assembly import AssemblySettings
@@ -40,7 +41,9 @@ from participants.seed_loading import forget_seed, load_seed
 from participants.seed_search import exhaustive_search, mean_loss, record_losses, successive_halving
 from participants.style_direction import choose_from_catalog
 from protocols.catalog import Catalog, load_catalog
+from protocols.explanations import decompose, l1_distance, mix_distance, noise_scale, paired_differences
 from simulation.datasets import UserData, find_styleqa, styleqa_rows
+from simulation.seed_building import ANSWERS_FILE
 
 _STYLE_SEED = re.compile(r"^style(\d+)$")
 
@@ -155,9 +158,38 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
             report[method] |= {k: statistics.median(r[method][k] for r in mine)
                                for k in ("tokens_forward", "bytes_loaded", "seeds_loaded")}
     report["xpert"]["catalog_bytes"] = len(json.dumps(catalog.to_dict()))
+    report["sensitivity"] = probes_and_rule(catalog, rows)
     report["per_user"] = {r["user"]: {m: r[m]["seed"] if r[m] else None for m in ("xpert", "exhaustive", "halving")}
                           for r in rows}
     return report
+
+
+def probes_and_rule(catalog: Catalog, rows: list[dict], sizes: tuple[int, ...] = (16, 32, 64, 96),
+                    embed=minilm_embed) -> list[dict]:
+    """XPerT's accuracy on the same users (their stored directions, nothing generated again) with the seeds
+    re-explained from the first n of the catalog's probes, by the mix distance (the rule in use) and by L1 on
+    the raw coefficients (the authors' rule): how much the figure owes to the probe count and to the rule."""
+    names = {name: style for style, name in style_seeds(catalog).items()}
+    try:
+        answers = {name: json.loads((catalog.seed_folder(name) / ANSWERS_FILE).read_text()) for name in names}
+    except FileNotFoundError as err:
+        log.info("no probe answers beside the seeds (%s): accuracy against the probe count left out", err)
+        return []
+    differences = {name: paired_differences(a["seed"], a["base"], embed) for name, a in answers.items()}
+    table = []
+    for n in sorted({k for k in sizes if k < len(catalog.probes)} | {len(catalog.probes)}):
+        basis = catalog.basis
+        if basis.scale is not None:  # the noise scale, like the explanations, from these n probes only
+            basis = replace(basis, scale=noise_scale([d[:n] for d in differences.values()]))
+        seeds = {name: decompose(d[:n].mean(axis=0), basis) for name, d in differences.items()}
+        users = [(r["style"], decompose(np.asarray(r["xpert"]["direction"]), basis)) for r in rows]
+        row = {"probes": n}
+        for rule, distance in (("mix", mix_distance), ("raw", l1_distance)):
+            picks = [names[min(seeds, key=lambda name: (distance(own, seeds[name], basis.words), name))]
+                     for _, own in users]
+            row[rule] = sum(p == style for p, (style, _) in zip(picks, users)) / len(users)
+        table.append(row)
+    return table
 
 
 def _search_row(result, sources: dict[str, str]) -> dict | None:
@@ -377,6 +409,12 @@ def markdown(report: dict) -> str:
     for m, label in (("xpert", "XPerT"), ("exhaustive", "exhaustive search"), ("halving", "successive halving")):
         if m in acc:
             parts += _matrix(label, styles, acc[m]["confusion"])
+    if acc.get("sensitivity"):
+        parts += ["**XPerT on the same users, the seeds explained from the first n probes** (mix: L1 between "
+                  "attribute shares, the rule in use; raw: L1 between the coefficients themselves)", "",
+                  "| probes | mix L1 | raw L1 |", "|---|---|---|"]
+        parts += [f"| {r['probes']} | {r['mix']:.1%} | {r['raw']:.1%} |" for r in acc["sensitivity"]]
+        parts.append("")
     if "scaling" in report:
         parts += ["## 2. selection cost against catalog size (tiny-model seeds)", "",
                   "| seeds | XPerT s | XPerT bytes | exhaustive s | exhaustive tokens | exhaustive bytes | "

@@ -30,6 +30,9 @@ def test_accuracy_has_a_confusion_matrix_per_method(bench):
         assert 0.0 <= acc[method]["accuracy"] <= 1.0
         assert acc[method]["users"] == sum(map(sum, acc[method]["confusion"])) == users
     assert acc["exhaustive"]["seeds_loaded"] == 2
+    # re-explained from all the catalog's probes with the rule in use, the replay is the choice the devices made
+    (full,) = acc["sensitivity"]
+    assert full["probes"] == 2 and full["mix"] == acc["xpert"]["accuracy"] and 0.0 <= full["raw"] <= 1.0
 
 
 def test_search_cost_grows_with_the_catalog_and_xpert_loads_no_seed(bench):
