@@ -494,9 +494,9 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     catalog.save()
     if explain.corpus:
         for name, (own, other) in read_as_another_label(catalog.entries, {j.name: j.label for j in jobs}).items():
-            log.warning("seed %s reads most as %r, another seed's label, not as its own %r: its LoRA may not have "
-                        "learned its style (more --steps or --rows), and devices of that style will miss it",
-                        name, other, own)
+            log.warning("seed %s reads most as %r, another seed's label, not as its own %r: its answers do not show "
+                        "its style, so devices of that style may miss it and devices of the other style may pick it "
+                        "(on styleqa more steps or all seven projections did not fix such a seed)", name, other, own)
     return catalog
 
 
