@@ -2,9 +2,9 @@
 
 The device compares its own answers with what the base model says to the same inputs, writes the difference
 in the catalog's attribute words, and takes the seed whose explanation has the nearest mix of attributes (L1
-between the coefficients as shares, `explanations.mix_distance`). Only the explanations
-of the seeds are needed, never their weights, so choosing among many seeds costs no more than among a few;
-and the user's texts never leave `own_style`.
+between the coefficients as shares, `explanations.mix_distance`). Only the explanations of the seeds are
+needed, never their weights, so choosing among many seeds costs no more than among a few; and the user's
+texts never leave `own_style`.
 """
 
 from __future__ import annotations
@@ -77,10 +77,11 @@ def own_direction(seed: LoadedSeed, records: list[PersonalRecord], max_new_token
 
 
 def select_seed(own: Explanation, catalog: dict[str, Explanation], words: Sequence[str],
-                max_distance: float = math.inf) -> Selection:
+                max_distance: float = math.inf, distance=mix_distance) -> Selection:
     """The seed whose mix of attributes is nearest to `own`'s (L1 over `words`; ties: the smaller id), or none
-    when even the nearest is farther than `max_distance`; the reason says both in words."""
-    distances = {seed_id: mix_distance(own, expl, words) for seed_id, expl in catalog.items()}
+    when even the nearest is farther than `max_distance`; the reason says both in words. `distance` is there
+    for the seeds bench, which replays the choice with raw-coefficient L1 to compare."""
+    distances = {seed_id: distance(own, expl, words) for seed_id, expl in catalog.items()}
     reads = f"your data reads as: {describe(own)}"
     if not distances:
         return Selection(None, math.inf, {}, f"{reads}; the catalog is empty, falling back to the base")

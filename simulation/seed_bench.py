@@ -39,7 +39,7 @@ from participants.lora_training import LoraSettings, train_private_lora
 from participants.progress import log, progress
 from participants.seed_loading import forget_seed, load_seed
 from participants.seed_search import exhaustive_search, mean_loss, record_losses, successive_halving
-from participants.style_direction import choose_from_catalog
+from participants.style_direction import choose_from_catalog, select_seed
 from protocols.catalog import Catalog, load_catalog
 from protocols.explanations import decompose, l1_distance, mix_distance, noise_scale, paired_differences
 from simulation.datasets import UserData, find_styleqa, styleqa_rows
@@ -185,8 +185,7 @@ def probes_and_rule(catalog: Catalog, rows: list[dict], sizes: tuple[int, ...] =
         users = [(r["style"], decompose(np.asarray(r["xpert"]["direction"]), basis)) for r in rows]
         row = {"probes": n}
         for rule, distance in (("mix", mix_distance), ("raw", l1_distance)):
-            picks = [names[min(seeds, key=lambda name: (distance(own, seeds[name], basis.words), name))]
-                     for _, own in users]
+            picks = [names[select_seed(own, seeds, basis.words, distance=distance).seed_id] for _, own in users]
             row[rule] = sum(p == style for p, (style, _) in zip(picks, users)) / len(users)
         table.append(row)
     return table
