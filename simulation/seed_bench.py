@@ -14,6 +14,12 @@ Four comparisons, each printed and written to <out>/report.json and report.md:
 
 Users are slices of each style's styleqa training rows taken from the end, so they never overlap the rows the
 seeds were built from (the start of the file) nor the probe questions (test questions).
+
+Rerunning into the same --out resumes. Against a catalog that changed since (seeds rebuilt or re-explained),
+everything that depends on it is done again, and only that: a user's own style direction depends on the base
+and the answer length, so XPerT chooses again from it without generating; the searches run again; fine-tuning
+from the base is kept and from the chosen seed redone where the choice or its weights changed; the pools are
+filled again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -113,6 +120,27 @@ def _style_of(seed_names: dict[str, int], name: str | None) -> int | None:
 # --- 1. accuracy --------------------------------------------------------------------------------------------
 
 
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """What the bench's results depend on in a catalog: its seeds' weights, their explanations and the basis."""
+    return hashlib.sha256(json.dumps(catalog.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _own_direction_reusable(row: dict, catalog: Catalog) -> bool:
+    """A user's own style direction depends on the base and the answer length only, not on the seeds."""
+    return (row.get("base_hash") == catalog.base_hash and row.get("max_new_tokens") == catalog.max_new_tokens
+            and "direction" in row.get("xpert", {}))
+
+
+def _choice_from_direction(row: dict, catalog: Catalog) -> dict:
+    """The XPerT choice against this catalog from the user's stored direction; the time is the one measured when
+    the direction was computed (the generation pass is what costs; the choice itself takes milliseconds)."""
+    direction = np.asarray(row["xpert"]["direction"])
+    own = decompose(direction, catalog.basis)
+    selection = select_seed(own, catalog.explanations(), catalog.words)
+    return row["xpert"] | {"seed": selection.seed_id, "reason": selection.reason, "distances": selection.distances,
+                           "residual": own.residual}
+
+
 def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
     styles = style_seeds(catalog)
     names = {name: style for style, name in styles.items()}
@@ -120,24 +148,34 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
     users = bench_users(list(styles), s, s.users_per_style)
     search_users = {u.user for u in bench_users(list(styles), s, min(s.search_users_per_style, s.users_per_style))}
     base = load_seed(catalog.base)
+    fingerprint = catalog_fingerprint(catalog)
     path = out / "selection.jsonl"
-    done = {json.loads(line)["user"]: json.loads(line) for line in path.read_text().splitlines()} \
-        if path.exists() else {}
+    done: dict[str, dict] = {}  # a later line for the same user replaces an earlier one
+    for line in path.read_text().splitlines() if path.exists() else []:
+        done[json.loads(line)["user"]] = json.loads(line)
+    stale = [u.user for u in users if u.user in done and done[u.user].get("catalog") != fingerprint]
+    if stale:
+        log.info("%d users were chosen for against another catalog: their choices and searches are made again "
+                 "(their own style directions are kept where the base and answer length are the same)", len(stale))
     with progress(len(users), "seed choice") as bar:
         for u in users:
-            if u.user not in done:
-                start = time.perf_counter()
-                selection, own = choose_from_catalog(base, u.history, catalog)
-                xpert_s = time.perf_counter() - start
+            row = done.get(u.user)
+            if row is None or row.get("catalog") != fingerprint:
+                if row is not None and _own_direction_reusable(row, catalog):
+                    xpert = _choice_from_direction(row, catalog)
+                else:
+                    start = time.perf_counter()
+                    selection, own = choose_from_catalog(base, u.history, catalog)
+                    xpert = {"seed": selection.seed_id, "seconds": time.perf_counter() - start,
+                             "reason": selection.reason, "distances": selection.distances, "residual": own.residual,
+                             "tokens_generated": len(u.history) * catalog.max_new_tokens,
+                             "direction": [float(v) for v in selection.direction]}
                 searched = u.user in search_users
                 full = exhaustive_search(list(sources), u.history, max_len=s.max_len) if searched else None
                 halving = successive_halving(list(sources), u.history, min_items=s.min_items,
                                              max_len=s.max_len) if searched else None
-                row = {"user": u.user, "style": int(u.user.split("-")[0][5:]),
-                       "xpert": {"seed": selection.seed_id, "seconds": xpert_s, "reason": selection.reason,
-                                 "distances": selection.distances, "residual": own.residual,
-                                 "tokens_generated": len(u.history) * catalog.max_new_tokens,
-                                 "direction": [float(v) for v in selection.direction]},
+                row = {"user": u.user, "style": int(u.user.split("-")[0][5:]), "catalog": fingerprint,
+                       "base_hash": catalog.base_hash, "max_new_tokens": catalog.max_new_tokens, "xpert": xpert,
                        "exhaustive": _search_row(full, sources), "halving": _search_row(halving, sources)}
                 with path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -267,13 +305,18 @@ def never_from_scratch(catalog: Catalog, selection: dict, s: SeedBenchSettings, 
     done = json.loads(path.read_text()) if path.exists() else {}
     with progress(len(users), "never from scratch") as bar:
         for u in users:
-            if u.user not in done:
-                chosen = selection["per_user"][u.user]["xpert"]
-                base_run = _tune_curve(catalog.base, u, s)
+            chosen = selection["per_user"][u.user]["xpert"]
+            weights = catalog.entry(chosen).content_hash if chosen else catalog.base_hash
+            row = done.get(u.user)
+            if row is None or (row["seed"], row.get("seed_hash")) != (chosen or "base", weights):
+                # the base's curve depends on the base only: kept when just the chosen seed changed
+                base_run = row["base"] if row and row.get("base_hash") == catalog.base_hash else \
+                    _tune_curve(catalog.base, u, s)
                 seed_run = _tune_curve(catalog.seed_source(chosen), u, s) if chosen else base_run
                 if chosen:
                     forget_seed(catalog.seed_source(chosen))
-                done[u.user] = {"seed": chosen or "base", "base": base_run, "selected": seed_run}
+                done[u.user] = {"seed": chosen or "base", "seed_hash": weights, "base_hash": catalog.base_hash,
+                                "base": base_run, "selected": seed_run}
                 _write_json(path, done)
             bar.update(user=u.user)
     rows = []
@@ -300,7 +343,13 @@ def pools(catalog: Catalog, selection: dict, s: SeedBenchSettings, out: Path) ->
     targets = bench_users(styles, s, 1)
     sharers = bench_users(styles, s, 1, skip=s.users_per_style)
     path = out / "pools.json"
-    state = json.loads(path.read_text()) if path.exists() else {"sharers": {}, "targets": {}}
+    fingerprint = catalog_fingerprint(catalog)
+    state = json.loads(path.read_text()) if path.exists() else {}
+    if state.get("catalog") != fingerprint:
+        if state:  # sharers chose and trained on another catalog's seeds: their pieces are not this catalog's pool
+            log.info("the pools in %s were filled for another catalog: filling them again", out / "pool")
+            shutil.rmtree(out / "pool", ignore_errors=True)
+        state = {"catalog": fingerprint, "sharers": {}, "targets": {}}
     base_desc = load_seed(catalog.base).descriptor
     with PiecePool(out / "pool") as pool:
         pool.register_seed(RegisteredSeed(base_desc.seed_id, base_desc.content_hash, seed_shapes(base_desc.path)))

@@ -68,6 +68,40 @@ def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
         run_seed_bench(root / "catalog", root / "out", replace(SETTINGS, ft_steps=4))
 
 
+def test_a_rebuilt_catalog_is_chosen_from_again_reusing_what_does_not_depend_on_it(bench, tmp_path, monkeypatch):
+    import shutil
+
+    import simulation.seed_bench as seed_bench
+
+    root, _ = bench
+    shutil.copytree(root, tmp_path / "copy")
+    catalog_dir, out = tmp_path / "copy" / "catalog", tmp_path / "copy" / "out"
+    lora = LoraSettings(rank=4, alpha=8.0, steps=4, lr=0.02, batch_size=2, max_len=48)
+    # other words re-explain the same seeds: another catalog for the bench, on the same base
+    build_catalog_from_labels(catalog_dir, styleqa_groups(6, styles=(2, 5)), TINY, lora, styleqa_probes(2),
+                              ExplainSettings(("expert", "friendly")), max_new_tokens=6)
+    catalog = seed_bench.load_catalog(catalog_dir)
+    chosen_by, tuned = [], []
+    real_choose, real_tune = seed_bench.choose_from_catalog, seed_bench._tune_curve
+    monkeypatch.setattr(seed_bench, "choose_from_catalog",
+                        lambda base, history, *a: chosen_by.append(history[0].user) or real_choose(base, history, *a))
+    monkeypatch.setattr(seed_bench, "_tune_curve", lambda source, *a: tuned.append(source) or real_tune(source, *a))
+    report = run_seed_bench(catalog_dir, out, SETTINGS)
+
+    rows = [json.loads(line) for line in (out / "selection.jsonl").read_text().splitlines()]
+    first, again = rows[: len(rows) // 2], rows[len(rows) // 2:]
+    assert len(again) == report["accuracy"]["users"] == 4  # every user chosen for again, appended
+    for before, now in zip(first, again):
+        assert now["user"] == before["user"] and now["catalog"] == seed_bench.catalog_fingerprint(catalog)
+        assert now["xpert"]["direction"] == before["xpert"]["direction"]  # reused, not generated again
+        assert set(now["xpert"]["distances"]) == {e.name for e in catalog.entries}
+    # no bench user's own style is computed again; the pool sharers choose again, and train on the new choice
+    assert not {u.user for u in bench_users([2, 5], SETTINGS, SETTINGS.users_per_style)} & set(chosen_by)
+    assert {u.user for u in bench_users([2, 5], SETTINGS, 1, skip=SETTINGS.users_per_style)} <= set(chosen_by)
+    assert catalog.base not in tuned  # the base's fine-tuning curves depend on the base only
+    assert json.loads((out / "pools.json").read_text())["catalog"] == seed_bench.catalog_fingerprint(catalog)
+
+
 def test_bench_users_never_touch_the_rows_seeds_are_built_from():
     seeds = {r.input for rows in styleqa_groups(64, styles=(3,)).values() for r in rows}
     users = bench_users([3], SeedBenchSettings(), 4)
