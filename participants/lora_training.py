@@ -14,6 +14,7 @@ from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_PROJECTIONS = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")  # attention and MLP of a Llama block
 
 
 @dataclass

@@ -243,6 +243,10 @@ def _add_seeds(sub) -> None:
                    help="one more attribute per seed's label (styleqa: e.g. expert-concise-friendly; a JSONL file: "
                         "the user), embedded from the seed's training answers against the base's answers to the "
                         "same inputs, the difference a device computes on its own data")
+    b.add_argument("--no-retrain-misread", action="store_true",
+                   help="with --corpus-words, a seed that reads most as another seed's label is trained again with "
+                        "LoRA on all seven projections (attention and MLP), and the version that reads more as its "
+                        "own label is kept; this turns that off")
     b.add_argument("--basis-probes", type=int, default=16,
                    help="probes the model basis answers in each word's style (the first N)")
     b.add_argument("--unscaled", action="store_true",
@@ -320,7 +324,8 @@ def cmd_seeds_build(args) -> int:
         lora = LoraSettings(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, max_len=args.max_len, seed=args.random_seed)
         catalog = sb.build_catalog_from_labels(args.out, groups, args.seed_model or DEFAULT_SEED, lora, probes,
-                                               built_from=built_from, labels=labels, **common)
+                                               built_from=built_from, labels=labels,
+                                               retrain_misread=not args.no_retrain_misread, **common)
     print("\n".join(format_catalog(catalog)))
     print(f"built in {time.perf_counter() - start:.0f} s")
     return 0

@@ -15,7 +15,8 @@ with the same settings skips the seeds whose folders still hash to the answers s
 is written once, at the end, when every seed can be explained together: the vocabulary, the attribute basis and
 the noise scale are catalog-wide. The settings live in build.json; a rerun with other seed settings into the
 same folder is refused rather than mixing seeds built two ways in one catalog, while other explanation
-settings (words, basis, proposed words) just re-explain the seeds.
+settings (words, basis, proposed words) just re-explain the seeds. With labels and corpus attributes, a seed
+that reads most as another seed's label is trained once more with a wider LoRA (`_retrain_misread`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -37,14 +39,14 @@ from participants import seed_loading
 from participants.adapters import save_peft_adapter
 from participants.chat_data import clip_to_tokens
 from participants.evaluation import generate
-from participants.lora_training import LoraSettings, LoraWeights, train_private_lora
+from participants.lora_training import ALL_PROJECTIONS, LoraSettings, LoraWeights, train_private_lora
 from participants.progress import log, progress
 from participants.style_direction import STYLE_INSTRUCTION
 from participants.word_proposal import propose_words, proposed_vocabulary
 from protocols.attribute_words import check_exemplars, text_basis
 from protocols.catalog import CATALOG_FILE, SEEDS_DIR, Catalog, CatalogEntry, load_catalog
-from protocols.explanations import (STYLE_WORDS, AttributeBasis, Embed, decompose, difference_direction,
-                                    noise_scale, paired_differences)
+from protocols.explanations import (STYLE_WORDS, AttributeBasis, Embed, Explanation, decompose,
+                                    difference_direction, noise_scale, paired_differences)
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord
 from protocols.seeds import DEFAULT_SEED, DELTA_DIR, SEED_FILE, SeedDescriptor, materialize, read_seed_file
@@ -55,6 +57,8 @@ BUILD_FILE = "build.json"
 ANSWERS_FILE = "probe_answers.json"  # per seed: its and the base's answers to the probes
 PROPOSALS_FILE = "proposed_words.json"  # per seed: the words the base proposed for it
 BASIS_FILE = "basis_answers.json"  # the base's styled probe answers behind a model basis
+RETRAINED_FILE = "retrained.json"  # beside a seed trained again because it read as another label: the outcome
+RETRAINING_DIR = "retraining"  # a seed's first version waits here while its retrained one is explained
 CORPUS_FILE = "corpus_answers.json"  # the base's answers to the labeled groups' inputs (corpus attributes)
 PROPOSAL_PAIRS = 4  # probe pairs per seed the base is asked to name the style of
 DEFAULT_WORDS = STYLE_WORDS[:8]
@@ -116,6 +120,9 @@ class SeedJob:
     fingerprint: str  # what the seed is made of; a folder built from something else is never reused
     make_weights: Callable[[], tuple[LoraWeights, int, float]]  # (weights, rank, alpha)
     label: str = ""  # the style in words, for corpus attributes (labeled builds only)
+    # trains the seed again with more capacity, for a seed that reads as another seed's label (labeled builds)
+    make_stronger: Callable[[], tuple[LoraWeights, int, float]] | None = None
+    stronger: str = ""  # that recipe in words, for built_from
 
 
 # --- from labeled groups -----------------------------------------------------------------------------
@@ -126,16 +133,20 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                               probes: Sequence[str] = (), explain: ExplainSettings = ExplainSettings(),
                               max_new_tokens: int = 256, built_from: dict[str, str] | None = None,
                               embed: Embed = minilm_embed, batch_size: int = 8,
-                              labels: dict[str, str] | None = None) -> Catalog:
+                              labels: dict[str, str] | None = None, retrain_misread: bool = True,
+                              stronger: LoraSettings | None = None) -> Catalog:
     """One seed per group: a LoRA trained from the base on the group's records, then explained.
 
     `labels` names each group's style in words for the corpus attributes (`ExplainSettings.corpus`; default:
-    the group's name).
+    the group's name). With corpus attributes, a seed that reads most as another group's label is trained
+    again (unless `retrain_misread` is off) with `stronger` (default: the same LoRA on every projection of the
+    block, not only attention), and the version that reads more as its own label is kept (`_retrain_misread`).
 
     Probe prompts must not be inputs a seed trains on: a seed would answer them from memory, and its
     explanation would describe its training answers rather than how it answers in general.
     """
     lora = lora or LoraSettings()
+    stronger = stronger or replace(lora, targets=ALL_PROJECTIONS)
     if not groups:
         raise ValueError("no groups to build seeds from; give at least one group of records")
     empty = [name for name, records in groups.items() if not records]
@@ -148,6 +159,7 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                          f"{overlap[0][:60]!r}; probes must be questions no seed trains on")
     base = _plain_base(base_source)
     built_from = built_from or {}
+    stronger_words = f"trained again with LoRA on {'/'.join(stronger.targets)}"
     jobs = []
     for name, records in groups.items():
         def make(records=records, name=name):
@@ -157,8 +169,16 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                      report.seconds, report.losses[0], report.losses[-1])
             return weights, lora.rank, lora.alpha
 
+        def make_stronger(records=records, name=name):
+            weights, report = train_private_lora(seed_loading.load_seed(base.seed_id), records, stronger,
+                                                 desc=f"seed {name}: LoRA, {stronger_words}")
+            log.info("seed %s: trained again %d steps in %.0f s (loss %.3f -> %.3f)", name, len(report.losses),
+                     report.seconds, report.losses[0], report.losses[-1])
+            return weights, stronger.rank, stronger.alpha
+
         jobs.append(SeedJob(name, built_from.get(name, f"{len(records)} labeled records"),
-                            _records_fingerprint(records), make))
+                            _records_fingerprint(records), make,
+                            make_stronger=make_stronger if retrain_misread else None, stronger=stronger_words))
     settings = {"from": "labels", "lora": _jsonable(asdict(lora))}
     labels = labels or {}
     jobs = [replace(job, label=labels.get(job.name, job.name)) for job in jobs]
@@ -404,7 +424,6 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
     _check_settings(out, settings, explain.to_dict())
     known = _known_hashes(out)
     base_answers: dict[str, str] | None = None
-    forget = getattr(seed_loading, "forget_seed", None)
     with progress(len(jobs), "seed catalog") as bar:
         for job in jobs:
             folder = out / SEEDS_DIR / job.name
@@ -414,37 +433,110 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                 bar.update(seed=job.name)
                 continue
             if state == "build":
-                weights, rank, alpha = job.make_weights()
-                write_seed_folder(folder, job.name, base,
-                                  lambda path, w=weights, r=rank, a=alpha: save_peft_adapter(
-                                      path, w, r, a, base_model=base.seed_id),
-                                  info={"built_from": job.built_from, "fingerprint": job.fingerprint})
-            source = str(folder.resolve())
-            content_hash = materialize(source).content_hash
+                _write_seed(folder, job.name, base, *job.make_weights(), job.built_from, job.fingerprint)
             if base_answers is None:
-                base_answers = _stored_base_answers(out, jobs, max_new_tokens)
-                missing = [p for p in probes if p not in base_answers]
-                answered = _answer(base.seed_id, missing, max_new_tokens, batch_size, "base: probe answers")
-                base_answers |= dict(zip(missing, answered))
-            kept = _kept_answers(_stored_answers(folder / ANSWERS_FILE), content_hash, max_new_tokens,
-                                 known.get(job.name))
-            missing = [p for p in probes if p not in kept]
-            if kept:
-                log.info("seed %s: %d probe answers kept from an earlier build, %d to generate", job.name,
-                         len(probes) - len(missing), len(missing))
-            try:
-                kept |= dict(zip(missing, _answer(source, missing, max_new_tokens, batch_size,
-                                                  f"seed {job.name}: probe answers")))
-            finally:
-                if forget is not None:
-                    forget(source)
-            # kept beside the seed (not in catalog.json, which devices download) to re-explain it without generating
-            _write_json(folder / ANSWERS_FILE, {"probes": probes, "max_new_tokens": max_new_tokens,
-                                                "content_hash": content_hash,
-                                                "seed": [kept[p] for p in probes],
-                                                "base": [base_answers[p] for p in probes]})
+                base_answers = _base_answers(out, base, jobs, probes, max_new_tokens, batch_size)
+            _answer_seed(folder, job.name, probes, base_answers, max_new_tokens, batch_size, known.get(job.name))
             bar.update(seed=job.name)
-    return explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus)
+    catalog = explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus)
+    if explain.corpus:
+        catalog = _retrain_misread(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus,
+                                   catalog)
+        _warn_misread(out, catalog, jobs)
+    return catalog
+
+
+def _write_seed(folder: Path, name: str, base: SeedDescriptor, weights: LoraWeights, rank: int, alpha: float,
+                built_from: str, fingerprint: str) -> None:
+    write_seed_folder(folder, name, base, lambda path: save_peft_adapter(path, weights, rank, alpha,
+                                                                         base_model=base.seed_id),
+                      info={"built_from": built_from, "fingerprint": fingerprint})
+
+
+def _retrain_misread(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[str], max_new_tokens: int,
+                     explain: ExplainSettings, embed: Embed, batch_size: int,
+                     corpus: dict[str, list[PersonalRecord]] | None, catalog: Catalog) -> Catalog:
+    """Train once more, with the stronger recipe, each labeled seed whose explanation reads most as another
+    seed's label, answer and explain it again, and keep whichever version gives its own label the larger share
+    of its mix.
+
+    Why: such a seed sends users of its style elsewhere and draws users of the other style. On styleqa it is the
+    seed whose style the base imitates worst (expert-concise-friendly came out as elementary and friendly), and
+    a LoRA on attention alone is the first thing to widen. The outcome is written beside the seed
+    (RETRAINED_FILE), so that a rerun does not train it a third time.
+    """
+    labels = {job.name: job.label for job in jobs}
+    misread = read_as_another_label(catalog.entries, labels)
+    todo = [job for job in jobs if job.name in misread and job.make_stronger is not None
+            and not (out / SEEDS_DIR / job.name / RETRAINED_FILE).is_file()]
+    if not todo:
+        return catalog
+    first = {job.name: catalog.entry(job.name).explanation for job in todo}
+    base_answers = _base_answers(out, base, jobs, probes, max_new_tokens, batch_size)
+    aside = out / RETRAINING_DIR
+    for job in todo:
+        folder = out / SEEDS_DIR / job.name
+        log.info("seed %s reads most as %r, not as its own %r: %s", job.name, misread[job.name][1], job.label,
+                 job.stronger)
+        shutil.rmtree(aside / job.name, ignore_errors=True)
+        aside.mkdir(parents=True, exist_ok=True)
+        folder.rename(aside / job.name)  # the first version, until the two are compared
+        _write_seed(folder, job.name, base, *job.make_stronger(), f"{job.built_from}, {job.stronger}",
+                    job.fingerprint)
+        _answer_seed(folder, job.name, probes, base_answers, max_new_tokens, batch_size, None)
+    catalog = explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus)
+    restored = False
+    for job in todo:
+        folder = out / SEEDS_DIR / job.name
+        retrained = catalog.entry(job.name).explanation
+        shares = {"first": own_label_share(first[job.name], job.label),
+                  "retrained": own_label_share(retrained, job.label)}
+        kept = "retrained" if reads_more_as_its_label(retrained, first[job.name], job.label) else "first"
+        if kept == "first":
+            shutil.rmtree(folder)
+            (aside / job.name).rename(folder)
+            restored = True
+        else:
+            shutil.rmtree(aside / job.name)
+        _write_json(folder / RETRAINED_FILE, {"recipe": job.stronger, "kept": kept, "own_label_share": shares,
+                                              "first": first[job.name].to_dict(), "retrained": retrained.to_dict()})
+        log.info("seed %s: its own label's share of its mix was %.2f, retrained %.2f: the %s version is kept",
+                 job.name, shares["first"], shares["retrained"], kept)
+    shutil.rmtree(aside, ignore_errors=True)
+    if restored:  # the catalog-wide noise scale is from every seed's answers, so explain the kept ones together
+        catalog = explain_catalog(out, base, jobs, probes, max_new_tokens, explain, embed, batch_size, corpus)
+    return catalog
+
+
+def _base_answers(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], probes: list[str], max_new_tokens: int,
+                  batch_size: int) -> dict[str, str]:
+    found = _stored_base_answers(out, jobs, max_new_tokens)
+    missing = [p for p in probes if p not in found]
+    return found | dict(zip(missing, _answer(base.seed_id, missing, max_new_tokens, batch_size,
+                                             "base: probe answers")))
+
+
+def _answer_seed(folder: Path, name: str, probes: list[str], base_answers: dict[str, str], max_new_tokens: int,
+                 batch_size: int, known_hash: str | None) -> None:
+    """The seed's answers to the probes (those it already gave with these weights at this length are kept),
+    written beside it with the base's."""
+    source = str(folder.resolve())
+    content_hash = materialize(source).content_hash
+    kept = _kept_answers(_stored_answers(folder / ANSWERS_FILE), content_hash, max_new_tokens, known_hash)
+    missing = [p for p in probes if p not in kept]
+    if kept:
+        log.info("seed %s: %d probe answers kept from an earlier build, %d to generate", name,
+                 len(probes) - len(missing), len(missing))
+    forget = getattr(seed_loading, "forget_seed", None)
+    try:
+        kept |= dict(zip(missing, _answer(source, missing, max_new_tokens, batch_size, f"seed {name}: probe answers")))
+    finally:
+        if forget is not None:
+            forget(source)
+    # kept beside the seed (not in catalog.json, which devices download) to re-explain it without generating
+    _write_json(folder / ANSWERS_FILE, {"probes": probes, "max_new_tokens": max_new_tokens,
+                                        "content_hash": content_hash, "seed": [kept[p] for p in probes],
+                                        "base": [base_answers[p] for p in probes]})
 
 
 def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], probes: list[str],
@@ -486,18 +578,30 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     for job in jobs:
         folder = out / SEEDS_DIR / job.name
         delta_bytes = sum(f.stat().st_size for f in (folder / DELTA_DIR).glob("*.safetensors"))
+        built_from = read_seed_file(folder).get("built_from", job.built_from)  # says so when it was retrained
         entries.append(CatalogEntry(job.name, answers[job.name]["content_hash"],
-                                    decompose(differences[job.name].mean(axis=0), basis), job.built_from,
-                                    delta_bytes))
+                                    decompose(differences[job.name].mean(axis=0), basis), built_from, delta_bytes))
     catalog = Catalog(out, base.seed_id, base.content_hash, basis, probes, max_new_tokens,
                       sorted(entries, key=lambda e: e.name))
     catalog.save()
-    if explain.corpus:
-        for name, (own, other) in read_as_another_label(catalog.entries, {j.name: j.label for j in jobs}).items():
-            log.warning("seed %s reads most as %r, another seed's label, not as its own %r: its answers do not show "
-                        "its style, so devices of that style may miss it and devices of the other style may pick it "
-                        "(on styleqa more steps or all seven projections did not fix such a seed)", name, other, own)
     return catalog
+
+
+def own_label_share(explanation: Explanation, label: str) -> float:
+    """How much of a seed's mix of attributes is its own label (0..1)."""
+    return explanation.mix().coefficients.get(label, 0.0)
+
+
+def reads_more_as_its_label(candidate: Explanation, incumbent: Explanation, label: str) -> bool:
+    return own_label_share(candidate, label) > own_label_share(incumbent, label)
+
+
+def _warn_misread(out: Path, catalog: Catalog, jobs: Sequence[SeedJob]) -> None:
+    for name, (own, other) in read_as_another_label(catalog.entries, {j.name: j.label for j in jobs}).items():
+        tried = (out / SEEDS_DIR / name / RETRAINED_FILE).is_file()
+        log.warning("seed %s reads most as %r, another seed's label, not as its own %r: its answers do not show its "
+                    "style, so devices of that style may miss it and devices of the other style may pick it%s", name,
+                    other, own, " (trained again with more capacity too: see its retrained.json)" if tried else "")
 
 
 def read_as_another_label(entries: Sequence[CatalogEntry], labels: dict[str, str]) -> dict[str, tuple[str, str]]:

@@ -181,6 +181,35 @@ def test_a_seed_that_reads_as_another_seeds_label_is_named():
     assert read_as_another_label(entries, labels) == {"s2": ("loud", "calm")}
 
 
+@pytest.mark.parametrize("retrained_reads_better", [True, False])
+def test_a_misread_seed_is_trained_again_on_every_projection_and_the_better_reading_kept(
+        tmp_path, monkeypatch, retrained_reads_better):
+    labels = {"buzz": "buzzy", "abab": "alternating"}
+    corpus = ExplainSettings(WORDS, corpus=True)
+    real_check = seed_building.read_as_another_label
+    # whatever the tiny seeds read as, let "abab" be read as buzz's label: the retraining is what is tested
+    monkeypatch.setattr(seed_building, "read_as_another_label",
+                        lambda entries, names: real_check(entries, names) | {"abab": ("alternating", "buzzy")})
+    monkeypatch.setattr(seed_building, "reads_more_as_its_label", lambda *args: retrained_reads_better)
+    catalog = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
+                                        embed=hashed_embed, labels=labels)
+    folder = tmp_path / "c" / "seeds" / "abab"
+    outcome = json.loads((folder / "retrained.json").read_text())
+    assert outcome["kept"] == ("retrained" if retrained_reads_better else "first")
+    assert "gate_proj" in outcome["recipe"] and set(outcome["own_label_share"]) == {"first", "retrained"}
+    positions = load_peft_adapter(folder / "delta")[0]
+    assert any("mlp.gate_proj" in p for p in positions) == retrained_reads_better
+    assert ("trained again" in catalog.entry("abab").built_from) == retrained_reads_better
+    assert "trained again" not in catalog.entry("buzz").built_from  # only the misread seed
+    assert catalog.entry("abab").content_hash == materialize(str(folder.resolve())).content_hash
+    assert not (tmp_path / "c" / "retraining").exists()
+    # a rerun trains nothing: the seed was trained again once already
+    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    again = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
+                                      embed=hashed_embed, labels=labels)
+    assert again.entry("abab").content_hash == catalog.entry("abab").content_hash
+
+
 def test_other_probes_or_answer_length_re_answer_only_what_is_new_without_training(copy, monkeypatch):
     monkeypatch.setattr(seed_building, "train_private_lora", no_training)
     asked = []
