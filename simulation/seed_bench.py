@@ -128,7 +128,7 @@ def catalog_fingerprint(catalog: Catalog) -> str:
 def _own_direction_reusable(row: dict, catalog: Catalog) -> bool:
     """A user's own style direction depends on the base and the answer length only, not on the seeds."""
     return (row.get("base_hash") == catalog.base_hash and row.get("max_new_tokens") == catalog.max_new_tokens
-            and "direction" in row.get("xpert", {}))
+            and len(row.get("xpert", {}).get("direction", ())) == catalog.basis.dim)
 
 
 def _choice_from_direction(row: dict, catalog: Catalog) -> dict:
