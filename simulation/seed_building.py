@@ -29,6 +29,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -162,23 +163,10 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
     stronger_words = f"trained again with LoRA on {'/'.join(stronger.targets)}"
     jobs = []
     for name, records in groups.items():
-        def make(records=records, name=name):
-            weights, report = train_private_lora(seed_loading.load_seed(base.seed_id), records, lora,
-                                                 desc=f"seed {name}: LoRA")
-            log.info("seed %s: trained %d steps in %.0f s (loss %.3f -> %.3f)", name, len(report.losses),
-                     report.seconds, report.losses[0], report.losses[-1])
-            return weights, lora.rank, lora.alpha
-
-        def make_stronger(records=records, name=name):
-            weights, report = train_private_lora(seed_loading.load_seed(base.seed_id), records, stronger,
-                                                 desc=f"seed {name}: LoRA, {stronger_words}")
-            log.info("seed %s: trained again %d steps in %.0f s (loss %.3f -> %.3f)", name, len(report.losses),
-                     report.seconds, report.losses[0], report.losses[-1])
-            return weights, stronger.rank, stronger.alpha
-
         jobs.append(SeedJob(name, built_from.get(name, f"{len(records)} labeled records"),
-                            _records_fingerprint(records), make,
-                            make_stronger=make_stronger if retrain_misread else None, stronger=stronger_words))
+                            _records_fingerprint(records), partial(_train_seed, base, name, records, lora, "LoRA"),
+                            make_stronger=partial(_train_seed, base, name, records, stronger, stronger_words)
+                            if retrain_misread else None, stronger=stronger_words))
     settings = {"from": "labels", "lora": _jsonable(asdict(lora))}
     labels = labels or {}
     jobs = [replace(job, label=labels.get(job.name, job.name)) for job in jobs]
@@ -186,6 +174,15 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
     if len(corpus) != len(groups):
         raise ValueError("two groups share a label; corpus attributes need one label per group")
     return _build(Path(out), base, jobs, list(probes), explain, max_new_tokens, settings, embed, batch_size, corpus)
+
+
+def _train_seed(base: SeedDescriptor, name: str, records: list[PersonalRecord], lora: LoraSettings,
+                what: str) -> tuple[LoraWeights, int, float]:
+    weights, report = train_private_lora(seed_loading.load_seed(base.seed_id), records, lora,
+                                         desc=f"seed {name}: {what}")
+    log.info("seed %s: %s, %d steps in %.0f s (loss %.3f -> %.3f)", name, what, len(report.losses), report.seconds,
+             report.losses[0], report.losses[-1])
+    return weights, lora.rank, lora.alpha
 
 
 def _records_fingerprint(records: Sequence[PersonalRecord]) -> str:
