@@ -245,8 +245,8 @@ def _add_seeds(sub) -> None:
                         "same inputs, the difference a device computes on its own data")
     b.add_argument("--no-retrain-misread", action="store_true",
                    help="with --corpus-words, a seed that reads most as another seed's label is trained again with "
-                        "LoRA on all seven projections (attention and MLP), and the version that reads more as its "
-                        "own label is kept; this turns that off")
+                        "LoRA on all seven projections (attention and MLP) for twice the steps, and the version that "
+                        "reads more as its own label is kept; this turns that off")
     b.add_argument("--basis-probes", type=int, default=16,
                    help="probes the model basis answers in each word's style (the first N)")
     b.add_argument("--unscaled", action="store_true",

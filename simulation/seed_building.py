@@ -141,13 +141,16 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
     `labels` names each group's style in words for the corpus attributes (`ExplainSettings.corpus`; default:
     the group's name). With corpus attributes, a seed that reads most as another group's label is trained
     again (unless `retrain_misread` is off) with `stronger` (default: the same LoRA on every projection of the
-    block, not only attention), and the version that reads more as its own label is kept (`_retrain_misread`).
+    block, not only attention, for twice the steps), and the version that reads more as its own label is kept
+    (`_retrain_misread`).
 
     Probe prompts must not be inputs a seed trains on: a seed would answer them from memory, and its
     explanation would describe its training answers rather than how it answers in general.
     """
     lora = lora or LoraSettings()
-    stronger = stronger or replace(lora, targets=ALL_PROJECTIONS)
+    # on styleqa the misread seed needed both: all projections at the same steps read as its label by a hair
+    # (own label 0.17 against 0.16), at twice the steps clearly (0.43); more steps on attention alone did not
+    stronger = stronger or replace(lora, targets=ALL_PROJECTIONS, steps=2 * lora.steps)
     if not groups:
         raise ValueError("no groups to build seeds from; give at least one group of records")
     empty = [name for name, records in groups.items() if not records]
@@ -160,7 +163,7 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                          f"{overlap[0][:60]!r}; probes must be questions no seed trains on")
     base = _plain_base(base_source)
     built_from = built_from or {}
-    stronger_words = f"trained again with LoRA on {'/'.join(stronger.targets)}"
+    stronger_words = f"trained again with LoRA on {'/'.join(stronger.targets)}, {stronger.steps} steps"
     jobs = []
     for name, records in groups.items():
         jobs.append(SeedJob(name, built_from.get(name, f"{len(records)} labeled records"),
