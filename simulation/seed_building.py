@@ -163,11 +163,13 @@ def build_catalog_from_labels(out: str | Path, groups: dict[str, list[PersonalRe
                          f"{overlap[0][:60]!r}; probes must be questions no seed trains on")
     base = _plain_base(base_source)
     built_from = built_from or {}
-    stronger_words = f"trained again with LoRA on {'/'.join(stronger.targets)}, {stronger.steps} steps"
+    wide = "all 7 projections" if tuple(stronger.targets) == ALL_PROJECTIONS else "/".join(stronger.targets)
+    stronger_words = f"trained again: LoRA on {wide}, {stronger.steps} steps"
     jobs = []
     for name, records in groups.items():
         jobs.append(SeedJob(name, built_from.get(name, f"{len(records)} labeled records"),
-                            _records_fingerprint(records), partial(_train_seed, base, name, records, lora, "LoRA"),
+                            _records_fingerprint(records), partial(_train_seed, base, name, records, lora,
+                                                                   f"LoRA, {lora.steps} steps"),
                             make_stronger=partial(_train_seed, base, name, records, stronger, stronger_words)
                             if retrain_misread else None, stronger=stronger_words))
     settings = {"from": "labels", "lora": _jsonable(asdict(lora))}
@@ -183,8 +185,8 @@ def _train_seed(base: SeedDescriptor, name: str, records: list[PersonalRecord], 
                 what: str) -> tuple[LoraWeights, int, float]:
     weights, report = train_private_lora(seed_loading.load_seed(base.seed_id), records, lora,
                                          desc=f"seed {name}: {what}")
-    log.info("seed %s: %s, %d steps in %.0f s (loss %.3f -> %.3f)", name, what, len(report.losses), report.seconds,
-             report.losses[0], report.losses[-1])
+    log.info("seed %s: %s, trained in %.0f s (loss %.3f -> %.3f)", name, what, report.seconds, report.losses[0],
+             report.losses[-1])
     return weights, lora.rank, lora.alpha
 
 
