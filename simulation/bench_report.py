@@ -203,7 +203,7 @@ def _plots(out: Path, report: dict, rows: list[dict]) -> list[str]:
     ax.set_xscale("symlog", linthresh=1)  # log beyond 1 token; the methods that run no LLM pass sit at 0
     ax.set(xlabel="compute per target (LLM tokens forward + backward)", ylabel="held-out perplexity",
            title="quality vs cost")
-    names.append(_save(fig, out / "quality_vs_cost.png"))
+    names.append(save_figure(fig, out / "quality_vs_cost.png"))
 
     users = report["targets_users"]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(users) * len(means) / 3), 4))
@@ -216,7 +216,7 @@ def _plots(out: Path, report: dict, rows: list[dict]) -> list[str]:
     ax.set_ylim(0.95 * min(values), 1.03 * max(values))  # the differences, not the common baseline
     ax.set(ylabel="held-out perplexity (axis does not start at 0)", title="perplexity per target user")
     ax.legend(fontsize="small", ncol=3)
-    names.append(_save(fig, out / "per_user_perplexity.png"))
+    names.append(save_figure(fig, out / "per_user_perplexity.png"))
 
     for name, points in report["sweeps"].items():
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -227,11 +227,11 @@ def _plots(out: Path, report: dict, rows: list[dict]) -> list[str]:
                            label=ref)
         ax.set(xlabel=name, ylabel="mean held-out perplexity", title=f"perpcs vs {name}")
         ax.legend(fontsize="small")
-        names.append(_save(fig, out / f"sweep_{name}.png"))
+        names.append(save_figure(fig, out / f"sweep_{name}.png"))
     return names
 
 
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

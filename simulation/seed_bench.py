@@ -2,7 +2,8 @@
 
     bouquet seeds bench --catalog runs/catalog [--out runs/seeds-bench] [--users-per-style 2] [--history 16]
 
-Four comparisons, each printed and written to <out>/report.json and report.md:
+Four comparisons, each printed and written to <out>/report.json and report.md (with figures beside it,
+simulation.seed_bench_plots):
   1. accuracy: users of style s should pick the seed built for s; XPerT (explanations only), exhaustive search
      and successive halving (both score the seeds' loss on the user's history), with confusion matrices;
   2. cost against catalog size (4, 8, 16, 32 seeds of the tiny model): XPerT's selection stays flat, the
@@ -50,6 +51,7 @@ from participants.style_direction import choose_from_catalog, select_seed
 from protocols.catalog import Catalog, load_catalog
 from protocols.explanations import decompose, l1_distance, mix_distance, noise_scale, paired_differences
 from simulation.datasets import UserData, find_styleqa, styleqa_rows
+from simulation.seed_bench_plots import write_plots
 from simulation.seed_building import ANSWERS_FILE
 
 _STYLE_SEED = re.compile(r"^style(\d+)$")
@@ -421,6 +423,7 @@ def run_seed_bench(catalog_dir: str | Path, out: str | Path, s: SeedBenchSetting
         report["tuning"] = never_from_scratch(catalog, report["accuracy"], s, out)
     if "pools" in parts:
         report["pools"] = pools(catalog, report["accuracy"], s, out)
+    report["plots"] = write_plots(out, report, catalog)
     _write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     return report
@@ -432,6 +435,10 @@ def _matrix(title: str, styles: list[int], matrix: list[list[int]]) -> list[str]
              "|" + "---|" * (len(styles) + 2)]
     lines += [f"| s{st} | " + " | ".join(str(n) for n in row) + " |" for st, row in zip(styles, matrix)]
     return lines + [""]
+
+
+def _figure(report: dict, name: str, title: str) -> list[str]:
+    return [f"![{title}]({name})", ""] if name in report.get("plots", ()) else []
 
 
 def markdown(report: dict) -> str:
@@ -457,6 +464,8 @@ def markdown(report: dict) -> str:
     for m, label in (("xpert", "XPerT"), ("exhaustive", "exhaustive search"), ("halving", "successive halving")):
         if m in acc:
             parts += _matrix(label, styles, acc[m]["confusion"])
+    parts += _figure(report, "confusion.png", "XPerT's choices") + _figure(report, "explanations.png",
+                                                                           "each seed's mix of attributes")
     if acc.get("sensitivity"):
         parts += ["**XPerT on the same users, the seeds explained from the first n probes** (mix: L1 between "
                   "attribute shares, the rule in use; raw: L1 between the coefficients themselves)", "",
@@ -476,6 +485,7 @@ def markdown(report: dict) -> str:
                   f"×{last['xpert_seconds'] / first['xpert_seconds']:.2f}, exhaustive search's time "
                   f"×{last['exhaustive_seconds'] / first['exhaustive_seconds']:.2f} and tokens "
                   f"×{last['exhaustive_tokens'] / first['exhaustive_tokens']:.2f}.", ""]
+        parts += _figure(report, "cost_vs_catalog.png", "selection cost against catalog size")
     if "tuning" in report:
         parts += ["## 3. never from scratch: fine-tuning from the selected seed vs. from the base", "",
                   "| user | seed | base: loss at 0 → best | selected: loss at 0 → best | steps to the base's best "
@@ -491,6 +501,7 @@ def markdown(report: dict) -> str:
         parts += ["", f"Target (fine-tuning from the selected seed reaches the best held-out loss that fine-tuning from "
                   f"the base reaches, in at most half the steps): "
                   f"{'**met**' if met else '**not met**'}.", ""]
+        parts += _figure(report, "fine_tuning.png", "held-out loss along fine-tuning")
     if "pools" in report:
         parts += ["## 4. assembling from the selected seed's pool vs. the base's pool", "",
                   "| user | seed | base alone | assembled from base pool | selected seed alone | assembled from its "

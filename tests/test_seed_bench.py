@@ -55,6 +55,9 @@ def test_tuning_curves_and_pools_are_reported_per_user(bench):
     md = (root / "out" / "report.md").read_text()
     for heading in ("selection accuracy", "catalog size", "never from scratch", "base's pool"):
         assert heading in md
+    assert report["plots"] == ["confusion.png", "explanations.png", "cost_vs_catalog.png", "fine_tuning.png"]
+    for name in report["plots"]:
+        assert (root / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in md
 
 
 def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
