@@ -425,6 +425,9 @@ def _build(out: Path, base: SeedDescriptor, jobs: list[SeedJob], probes: list[st
                 "embed": f"{embed.__module__}.{getattr(embed, '__qualname__', repr(embed))}"} | extra
     _check_settings(out, settings, explain.to_dict())
     known = _known_hashes(out)
+    for waiting in sorted((out / RETRAINING_DIR).glob("*")):  # a build stopped while a seed was trained again
+        if not (out / SEEDS_DIR / waiting.name).exists():
+            waiting.rename(out / SEEDS_DIR / waiting.name)  # its first version stands until the retraining is redone
     base_answers: dict[str, str] | None = None
     with progress(len(jobs), "seed catalog") as bar:
         for job in jobs:

@@ -204,6 +204,21 @@ def test_a_misread_seed_is_trained_again_on_every_projection_and_the_better_read
     assert "trained again" not in catalog.entry("buzz").built_from  # only the misread seed
     assert catalog.entry("abab").content_hash == materialize(str(folder.resolve())).content_hash
     assert not (tmp_path / "c" / "retraining").exists()
+    if not retrained_reads_better:  # a build stopped while the seed was trained again: its first version is kept
+        (tmp_path / "c" / "retraining").mkdir()
+        folder.rename(tmp_path / "c" / "retraining" / "abab")
+        (tmp_path / "c" / "retraining" / "abab" / "retrained.json").unlink()
+        real_train = seed_building.train_private_lora
+
+        def only_the_stronger_recipe(seed, records, settings, *args, **kwargs):
+            assert settings != LORA, "the stopped seed's first version was trained again"
+            return real_train(seed, records, settings, *args, **kwargs)
+
+        monkeypatch.setattr(seed_building, "train_private_lora", only_the_stronger_recipe)
+        resumed = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
+                                            embed=hashed_embed, labels=labels)
+        assert resumed.entry("abab").content_hash == catalog.entry("abab").content_hash
+        assert json.loads((folder / "retrained.json").read_text())["kept"] == "first"
     # a rerun trains nothing: the seed was trained again once already
     monkeypatch.setattr(seed_building, "train_private_lora", no_training)
     again = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
