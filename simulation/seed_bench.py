@@ -157,7 +157,7 @@ def accuracy(catalog: Catalog, s: SeedBenchSettings, out: Path) -> dict:
         done[json.loads(line)["user"]] = json.loads(line)
     stale = [u.user for u in users if u.user in done and done[u.user].get("catalog") != fingerprint]
     if stale:
-        log.info("%d users were chosen for against another catalog: their choices and searches are made again "
+        log.info("%d users' seeds were chosen from another catalog: their choices and searches are made again "
                  "(their own style directions are kept where the base and answer length are the same)", len(stale))
     with progress(len(users), "seed choice") as bar:
         for u in users:
