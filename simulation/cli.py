@@ -247,6 +247,9 @@ def _add_seeds(sub) -> None:
                    help="with --corpus-words, a seed that reads most as another seed's label is trained again with "
                         "LoRA on all seven projections (attention and MLP) for twice the steps, and the version that "
                         "reads more as its own label is kept; this turns that off")
+    b.add_argument("--min-probe-words", type=int, default=0,
+                   help="explain from the probes whose base answer has at least this many words only (short-answer "
+                        "tasks show length more than style; 0: every probe)")
     b.add_argument("--basis-probes", type=int, default=16,
                    help="probes the model basis answers in each word's style (the first N)")
     b.add_argument("--unscaled", action="store_true",
@@ -307,6 +310,7 @@ def cmd_seeds_build(args) -> int:
         raise ValueError(f"--words must be between 1 and {len(STYLE_WORDS)}, got {args.words}")
     explain = sb.ExplainSettings(words=STYLE_WORDS[: args.words], basis=args.basis, propose_words=args.propose_words,
                                  basis_probes=args.basis_probes, scaled=not args.unscaled,
+                                 min_probe_words=args.min_probe_words,
                                  corpus=args.corpus_words)
     common = dict(explain=explain, max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()

@@ -215,7 +215,10 @@ def probes_and_rule(catalog: Catalog, rows: list[dict], sizes: tuple[int, ...] =
     except FileNotFoundError as err:
         log.info("no probe answers beside the seeds (%s): accuracy against the probe count left out", err)
         return []
-    differences = {name: paired_differences(a["seed"], a["base"], embed) for name, a in answers.items()}
+    differences = {}
+    for name, a in answers.items():  # the probes the catalog was explained from, in its order
+        at = [a["probes"].index(p) for p in catalog.probes]
+        differences[name] = paired_differences([a["seed"][i] for i in at], [a["base"][i] for i in at], embed)
     table = []
     for n in sorted({k for k in sizes if k < len(catalog.probes)} | {len(catalog.probes)}):
         basis = catalog.basis

@@ -82,6 +82,9 @@ class ExplainSettings:
                    a device computes on its own data, so both sit on the same side of the gap between written
                    and generated text
     basis_probes   probes the model basis answers in each style (the first N of the catalog's probes)
+    min_probe_words  explain from the probes whose base answer has at least this many words only: on a
+                   short-answer task ("compute the area…") every seed's answer differs from the base's mostly
+                   by saying more, not by its style (0: every probe)
     scaled         fit explanations in units of the per-dimension noise (AttributeBasis.scale)
     """
 
@@ -91,6 +94,7 @@ class ExplainSettings:
     basis_probes: int = 16
     scaled: bool = True
     corpus: bool = False
+    min_probe_words: int = 0
 
     def check(self, embed: Embed) -> None:
         if self.basis not in ("text", "model"):
@@ -104,6 +108,8 @@ class ExplainSettings:
         if self.propose_words and self.basis != "model":
             raise ValueError("proposed words have no hand-written exemplars; propose words with the model basis "
                              "(--basis model)")
+        if self.min_probe_words < 0:
+            raise ValueError(f"min_probe_words must be >= 0, got {self.min_probe_words}")
         if self.propose_words < 0 or self.basis_probes < 1:
             raise ValueError(f"propose_words must be >= 0 and basis_probes >= 1, got {self.propose_words} and "
                              f"{self.basis_probes}")
@@ -554,7 +560,9 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
     without retraining or re-answering anything (model-basis answers are cached in basis_answers.json).
     """
     answers = {job.name: json.loads((out / SEEDS_DIR / job.name / ANSWERS_FILE).read_text()) for job in jobs}
-    differences = {name: paired_differences(a["seed"], a["base"], embed) for name, a in answers.items()}
+    kept = prose_probes(next(iter(answers.values()))["base"], explain.min_probe_words)
+    differences = {name: paired_differences([a["seed"][i] for i in kept], [a["base"][i] for i in kept], embed)
+                   for name, a in answers.items()}
     vocabulary = list(explain.words)
     if explain.propose_words:
         proposals = {}
@@ -586,10 +594,19 @@ def explain_catalog(out: Path, base: SeedDescriptor, jobs: Sequence[SeedJob], pr
         built_from = read_seed_file(folder).get("built_from", job.built_from)  # says so when it was retrained
         entries.append(CatalogEntry(job.name, answers[job.name]["content_hash"],
                                     decompose(differences[job.name].mean(axis=0), basis), built_from, delta_bytes))
-    catalog = Catalog(out, base.seed_id, base.content_hash, basis, probes, max_new_tokens,
+    catalog = Catalog(out, base.seed_id, base.content_hash, basis, [probes[i] for i in kept], max_new_tokens,
                       sorted(entries, key=lambda e: e.name))
     catalog.save()
     return catalog
+
+
+def prose_probes(base_answers: Sequence[str], min_words: int) -> list[int]:
+    """Indices of the probes whose base answer has at least `min_words` words (all of them for 0)."""
+    kept = [i for i, answer in enumerate(base_answers) if len(answer.split()) >= min_words]
+    if not kept:
+        raise ValueError(f"none of the {len(base_answers)} probes has a base answer of {min_words} words or more: "
+                         f"lower --min-probe-words or add --probes")
+    return kept
 
 
 def own_label_share(explanation: Explanation, label: str) -> float:

@@ -226,6 +226,22 @@ def test_a_misread_seed_is_trained_again_on_every_projection_and_the_better_read
     assert again.entry("abab").content_hash == catalog.entry("abab").content_hash
 
 
+def test_short_answer_probes_can_be_left_out_of_the_explanations(copy, monkeypatch):
+    assert seed_building.prose_probes(["a b c", "a", "a b c d", ""], 3) == [0, 2]
+    assert seed_building.prose_probes(["a", ""], 0) == [0, 1]
+    with pytest.raises(ValueError, match="none of the 2 probes"):
+        seed_building.prose_probes(["a", ""], 2)
+    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    base_words = [len(a.split()) for a in json.loads((copy / "seeds" / "buzz" / "probe_answers.json").read_text())["base"]]
+    with pytest.raises(ValueError, match="lower --min-probe-words"):
+        build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, min_probe_words=99),
+                                  max_new_tokens=8, embed=hashed_embed)
+    kept = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES,
+                                     ExplainSettings(WORDS, min_probe_words=min(base_words)), max_new_tokens=8,
+                                     embed=hashed_embed)
+    assert kept.probes == PROBES  # every base answer is long enough: nothing left out
+
+
 def test_other_probes_or_answer_length_re_answer_only_what_is_new_without_training(copy, monkeypatch):
     monkeypatch.setattr(seed_building, "train_private_lora", no_training)
     asked = []
