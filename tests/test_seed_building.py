@@ -20,7 +20,7 @@ from participants.lora_training import LoraSettings
 from participants.seed_loading import load_seed
 from protocols.attribute_words import EXEMPLARS, text_basis
 from protocols.catalog import CatalogEntry, load_catalog
-from protocols.explanations import Explanation, difference_direction
+from protocols.explanations import Explanation, decompose, difference_direction
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord, save_records
 from protocols.seeds import TINY, materialize, weights_hash
@@ -240,6 +240,14 @@ def test_short_answer_probes_can_be_left_out_of_the_explanations(copy, monkeypat
                                      ExplainSettings(WORDS, min_probe_words=min(base_words)), max_new_tokens=8,
                                      embed=hashed_embed)
     assert kept.probes == PROBES  # every base answer is long enough: nothing left out
+    # a floor that leaves the second probe only: the catalog lists it, and every seed is explained from it alone
+    monkeypatch.setattr(seed_building, "prose_probes", lambda answers, floor: [1])
+    second = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, min_probe_words=1),
+                                       max_new_tokens=8, embed=hashed_embed)
+    assert second.probes == PROBES[1:]
+    stored = json.loads((copy / "seeds" / "buzz" / "probe_answers.json").read_text())
+    direction = difference_direction(stored["seed"][1:], stored["base"][1:], hashed_embed)
+    assert second.entry("buzz").explanation == decompose(direction, second.basis)
 
 
 def test_other_probes_or_answer_length_re_answer_only_what_is_new_without_training(copy, monkeypatch):
