@@ -1,13 +1,17 @@
-"""The Flower ServerApp: one bouquet round, from seed choice to assembled adapters.
+"""The Flower ServerApp: one bouquet round, as a short list of phases.
 
-    (with a catalog) every participant picks its seed on its own device, from the seeds' explanations
-    profiles  -> choose sharers  -> sharers train on their seed, cut, sign, share -> that seed's pool
-    newcomers: gates of their seed's pool -> their shortlist -> those pieces -> assembled adapter + metrics
+    connect      wait for the nodes
+    seeds        (with a catalog) every node picks its seed on its own device, from the seeds' explanations
+    profiles     every node sends a count and a noised profile; the coordinator chooses sharers and newcomers
+    share        sharers train on their seed, cut, sign and share; the pool validates and keeps the pieces
+    gates        each newcomer gets its seed's gates (or a fallback seed's) and answers with a shortlist
+    assemble     each newcomer gets only its shortlisted pieces, assembles and reports metrics
 
-Pieces fit only the seed they were trained on, so the pool is kept per seed (its seed id and hash).
-
-Every exchange has a timeout; a node that does not answer, or answers with an error, is left
-out of what follows and reported. Nothing but pieces, piece ids, profiles and metrics comes back.
+Each phase builds its outgoing messages, sends them, and collects the replies, as Flower's strategies split
+`configure_*` from `aggregate_*`. Pieces fit only the seed they were trained on, so the pool is kept per seed
+(its seed id and content hash). Every exchange has a timeout; a node that does not answer, or answers with an
+error, is left out of what follows and reported. Nodes are ordered by their signing key id, which a device
+keeps from run to run, so the same devices and `rng-seed` give the same sharers and newcomers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,12 +28,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.config import RunSettings
 from coordinator.pool import PiecePool
+from coordinator.seed_fallback import usable_seed
+from coordinator.settings import RunSettings
 from coordinator.sharers import Profile, select_sharers
 from coordinator.validation import RegisteredSeed, seed_shapes
 from protocols import messages as M
-from protocols.catalog import load_catalog
+from protocols.catalog import Catalog, load_catalog
 from protocols.seeds import materialize
 
 log = logging.getLogger("bouquet")
@@ -44,27 +50,60 @@ class RoundReport:
     selections: dict[str, dict] = field(default_factory=dict)  # user -> chosen seed, distance, reason
     pool_by_seed: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, dict] = field(default_factory=dict)  # node -> the seed it wanted, the one it used
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
 
 
-def _send(grid: Grid, message_type: str, contents: dict[int, RecordDict], timeout: float,
-          report: RoundReport, step: str) -> dict[int, Message]:
-    """Send one message per node, wait up to `timeout`, return the good replies by node id."""
-    msgs = [Message(content, dst_node_id=nid, message_type=message_type, group_id=step)
-            for nid, content in contents.items()]
-    replies, failed = {}, set()
-    for rep in grid.send_and_receive(msgs, timeout=timeout):
-        nid = rep.metadata.src_node_id
-        if rep.has_error():
-            failed.add(nid)
-            report.unanswered.append(f"{step}: node {nid}: error {rep.error.code}: {rep.error.reason}")
-            log.warning("%s: node %s answered with an error: %s", step, nid, rep.error.reason)
-        else:
-            replies[nid] = rep
-    for nid in sorted(set(contents) - set(replies) - failed):
-        report.unanswered.append(f"{step}: node {nid}: no reply within {timeout:.0f} s")
-        log.warning("%s: node %s did not answer within %.0f s", step, nid, timeout)
-    return replies
+@dataclass
+class Round:
+    """What the phases share: the grid, the settings, the pool, and what is known of each node so far."""
+    grid: Grid
+    settings: RunSettings
+    pool: PiecePool
+    base_id: str
+    report: RoundReport = field(default_factory=RoundReport)
+    nodes: list[int] = field(default_factory=list)
+    node_seed: dict[int, str] = field(default_factory=dict)  # node -> seed id it runs on
+    preferences: dict[int, list[str]] = field(default_factory=dict)  # node -> seed ids, nearest first
+    seed_refs: dict[str, ConfigRecord] = field(default_factory=dict)  # catalog seed id -> its name and hash
+
+    def content(self, node: int, **records) -> RecordDict:
+        """A message's records: the participants' settings, and the catalog seed the node runs on if any."""
+        seed = self.node_seed.get(node, self.base_id)
+        extra = {M.SEED: self.seed_refs[seed]} if seed in self.seed_refs else {}
+        return RecordDict({M.CONFIG: ConfigRecord(self.settings.participant_config()), **extra, **records})
+
+    def send(self, message_type: str, contents: dict[int, RecordDict], step: str) -> dict[int, Message]:
+        """Send one message per node, wait up to the timeout, return the good replies by node id."""
+        timeout = self.settings.timeout
+        msgs = [Message(content, dst_node_id=nid, message_type=message_type, group_id=step)
+                for nid, content in contents.items()]
+        replies, failed = {}, set()
+        for rep in self.grid.send_and_receive(msgs, timeout=timeout):
+            nid = rep.metadata.src_node_id
+            if rep.has_error():
+                failed.add(nid)
+                self.report.unanswered.append(f"{step}: node {nid}: error {rep.error.code}: {rep.error.reason}")
+                log.warning("%s: node %s answered with an error: %s", step, nid, rep.error.reason)
+            else:
+                replies[nid] = rep
+        for nid in sorted(set(contents) - set(replies) - failed):
+            self.report.unanswered.append(f"{step}: node {nid}: no reply within {timeout:.0f} s")
+            log.warning("%s: node %s did not answer within %.0f s", step, nid, timeout)
+        return replies
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.report.seconds[name] = time.perf_counter() - start
+
+
+def register_seed(pool: PiecePool, source: str) -> str:
+    seed = materialize(source)
+    pool.register_seed(RegisteredSeed(seed.seed_id, seed.content_hash, seed_shapes(seed.path)))
+    return seed.seed_id
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -76,130 +115,135 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _register(pool: PiecePool, source: str) -> str:
-    seed = materialize(source)
-    pool.register_seed(RegisteredSeed(seed.seed_id, seed.content_hash, seed_shapes(seed.path)))
-    return seed.seed_id
+# --- the phases ---------------------------------------------------------------------------------------------
 
 
-def choose_seeds(grid: Grid, nodes: list[int], settings: RunSettings, report: RoundReport,
-                 pool: PiecePool) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """Send the catalog (explanations only, no weights) to every node; each answers with the seed it picked on
-    its own data and the catalog's seeds from nearest to farthest. Returns node -> seed source (a node that does
-    not answer keeps the base) and node -> seed sources in the node's order of preference."""
+def open_catalog(settings: RunSettings) -> Catalog:
     catalog = load_catalog(settings.catalog)
-    base = materialize(settings.seed)
+    base = materialize(settings.seed_model)
     if catalog.base_hash != base.content_hash:
-        raise ValueError(f"the catalog at {settings.catalog} is built on {catalog.base!r}, not on this run's seed "
-                         f"{settings.seed!r}; run with --seed {catalog.base}")
-    content = RecordDict({M.CONFIG: ConfigRecord(settings.participant_config()),
-                          M.CATALOG: ConfigRecord({"json": json.dumps(catalog.to_dict())})})
-    replies = _send(grid, M.STYLE, {n: content for n in nodes}, settings.timeout, report, "style")
-    chosen = {n: settings.seed for n in nodes}
-    preferences: dict[int, list[str]] = {}
+        raise ValueError(f"the catalog at {settings.catalog} is built on {catalog.base!r}, not on this run's "
+                         f"seed-model {settings.seed_model!r}; run with --seed-model {catalog.base}")
+    return catalog
+
+
+def choose_seeds(r: Round, catalog: Catalog) -> None:
+    """Send the catalog (explanations only, no weights) to every node; each answers with the seed it picked on
+    its own data and the catalog's seeds from nearest to farthest. A node that does not answer keeps the base."""
+    ids = {}
+    for entry in catalog.entries:
+        ids[entry.name] = register_seed(r.pool, catalog.seed_source(entry.name))
+        r.seed_refs[ids[entry.name]] = ConfigRecord({"catalog-seed": entry.name, "content-hash": entry.content_hash})
+    catalog_record = ConfigRecord({"json": json.dumps(catalog.to_dict())})
+    replies = r.send(M.STYLE, {n: r.content(n, **{M.CATALOG: catalog_record}) for n in r.nodes}, "style")
     for nid, rep in replies.items():
         sel = rep.content[M.SELECTION]
         name = str(sel["seed"])
         if name:
-            chosen[nid] = _register(pool, catalog.seed_source(name))
-        preferences[nid] = [catalog.seed_source(str(n)) for n in sel.get("ranking", [])]
-        report.selections[str(sel["user"])] = {"seed": name or "base", "distance": float(sel["distance"]),
-                                               "reason": str(sel["reason"])} | dict(rep.content[M.METRICS])
-    return chosen, preferences
+            r.node_seed[nid] = ids[name]
+        r.preferences[nid] = [ids[str(n)] for n in sel.get("ranking", [])]
+        r.report.selections[str(sel["user"])] = {"seed": name or "base", "distance": float(sel["distance"]),
+                                                 "reason": str(sel["reason"])} | dict(rep.content[M.METRICS])
 
 
-def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
-    report = RoundReport()
-    out = Path(settings.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-
-    pool = PiecePool(out / "pool")
-    base_id = _register(pool, settings.seed)
-
-    wanted = settings.min_nodes or settings.num_sharers + settings.num_newcomers
-    nodes = wait_for_nodes(grid, wanted, settings.timeout)
-    log.info("%d nodes connected", len(nodes))
-
-    # 0. with a catalog, every participant picks its seed first; pieces then go to that seed's pool
-    node_seed, preferences = (choose_seeds(grid, nodes, settings, report, pool) if settings.catalog
-                              else ({n: base_id for n in nodes}, {}))
-    report.seconds["seed-choice"] = time.perf_counter() - t0
-
-    def cfg_for(node: int) -> ConfigRecord:
-        return ConfigRecord(settings.participant_config() | {"seed": node_seed.get(node, base_id)})
-
-    cfg = ConfigRecord(settings.participant_config())
-
-    # 1. profiles, and the choice of sharers
-    replies = _send(grid, M.PROFILE, {n: RecordDict({M.CONFIG: cfg}) for n in nodes}, settings.timeout,
-                    report, "profile")
-    profiles = [Profile(nid, int(r.content[M.PROFILE_RECORD]["count"]),
-                        np.asarray(r.content[M.PROFILE_RECORD]["embedding"], dtype=np.float32))
-                for nid, r in replies.items()]
-    sharers = select_sharers(profiles, settings.num_sharers, settings.sharer_selection, seed=settings.seed_number)
-    rest = sorted(set(replies) - set(sharers))
-    newcomers = sorted(random.Random(settings.seed_number).sample(rest, min(settings.num_newcomers, len(rest))))
+def choose_participants(r: Round) -> tuple[list[int], list[int]]:
+    """Profiles in, sharers and newcomers out; nodes ordered by key id so that a rerun chooses the same."""
+    replies = r.send(M.PROFILE, {n: r.content(n) for n in r.nodes}, "profile")
+    profiles = [Profile(nid, int(rep.content[M.PROFILE_RECORD]["count"]),
+                        np.asarray(rep.content[M.PROFILE_RECORD]["embedding"], dtype=np.float32),
+                        str(rep.content[M.PROFILE_RECORD].get("key-id", "")))
+                for nid, rep in replies.items()]
+    s = r.settings
+    sharers = select_sharers(profiles, s.sharers, s.sharer_selection, seed=s.rng_seed)
+    rest = [p.node_id for p in sorted(profiles, key=lambda p: p.order) if p.node_id not in sharers]
+    newcomers = random.Random(s.rng_seed).sample(rest, min(s.newcomers, len(rest)))
     log.info("sharers: %s; newcomers: %s", sharers, newcomers)
-    report.seconds["profiles"] = time.perf_counter() - t0
+    return sharers, newcomers
 
-    # 2. sharers train and share; the pool validates every piece
-    t1 = time.perf_counter()
-    replies = _send(grid, M.SHARE, {n: RecordDict({M.CONFIG: cfg_for(n)}) for n in sharers}, settings.timeout,
-                    report, "share")
+
+def collect_shares(r: Round, sharers: list[int]) -> None:
+    """Sharers train and share; the pool validates every piece; one bad reply never stops the others."""
+    replies = r.send(M.SHARE, {n: r.content(n) for n in sharers}, "share")
     for nid, rep in replies.items():
         user = str(rep.content[M.INFO]["user"])
         try:
             pieces = M.pieces_from_records(rep.content[M.PIECES], rep.content[M.PIECE_META])
         except ValueError as err:
-            report.refused.append(f"{user}: the reply did not decode: {err}")
+            r.report.refused.append(f"{user}: the reply did not decode: {err}")
             continue
-        accepted, refused = pool.add_many(pieces)
-        report.refused.extend(f"{user}: {r}" for r in refused)
-        report.sharers[user] = dict(rep.content[M.METRICS]) | {"accepted": len(accepted), "refused": len(refused)}
-    report.pool_by_seed = {s.seed_id: pool.count(s.seed_id) for s in pool.seeds()}
-    report.pool_pieces = sum(report.pool_by_seed.values())
-    report.seconds["share"] = time.perf_counter() - t1
-    log.info("pool holds %s pieces per seed (%d refused)", report.pool_by_seed, len(report.refused))
+        accepted, refused = r.pool.add_many(pieces)
+        r.report.refused.extend(f"{user}: {reason}" for reason in refused)
+        r.report.sharers[user] = dict(rep.content[M.METRICS]) | {"accepted": len(accepted), "refused": len(refused)}
+    r.report.pool_by_seed = {seed.seed_id: r.pool.count(seed.seed_id) for seed in r.pool.seeds()}
+    r.report.pool_pieces = sum(r.report.pool_by_seed.values())
+    log.info("pool holds %s pieces per seed (%d refused)", r.report.pool_by_seed, len(r.report.refused))
 
-    # 3. newcomers: gates of their seed's pool first, then only the pieces they asked for. Pieces fit only their
-    # own seed, so a newcomer whose seed has no pieces yet moves to the nearest seed (in its own ranking) that has
-    # some, then to the base; one with nowhere to go is reported and left out.
-    t2 = time.perf_counter()
+
+def place_newcomers(r: Round, newcomers: list[int]) -> list[int]:
+    """Each newcomer on its own seed, or the fallback rule's; those with nowhere to go are reported."""
+    available = {seed for seed, count in r.report.pool_by_seed.items() if count}
     placed = []
     for n in newcomers:
-        wanted = node_seed.get(n, base_id)
-        options = [wanted] + [sid for sid in preferences.get(n, []) if sid != wanted] + [base_id]
-        usable = next((sid for sid in options if report.pool_by_seed.get(sid)), None)
+        wanted = r.node_seed.get(n, r.base_id)
+        usable = usable_seed(wanted, r.preferences.get(n, []), r.base_id, available)
         if usable is None:
-            report.unanswered.append(f"assemble: node {n}: no pieces for its seed, any other seed, or the base")
+            r.report.unanswered.append(f"assemble: node {n}: no pieces for its seed, any other seed, or the base")
             continue
         if usable != wanted:
             log.warning("node %s: no pieces for its seed %s yet; it assembles on %s", n, wanted, usable)
-            report.fallbacks[str(n)] = {"wanted": wanted, "used": usable}
-        node_seed[n] = usable
+            r.report.fallbacks[str(n)] = {"wanted": wanted, "used": usable}
+        r.node_seed[n] = usable
         placed.append(n)
-    newcomers = placed
-    if newcomers:
-        gate_records = {sid: M.gates_to_records(pool.gates(sid)) for sid in {node_seed.get(n, base_id)
-                                                                              for n in newcomers}}
-        replies = _send(grid, M.GATES, {n: RecordDict({M.CONFIG: cfg_for(n),
-                                                       M.GATE_ARRAYS: gate_records[node_seed.get(n, base_id)][0],
-                                                       M.GATE_META: gate_records[node_seed.get(n, base_id)][1]})
-                                        for n in newcomers}, settings.timeout, report, "gates")
-        contents, gate_metrics = {}, {}
-        for nid, rep in replies.items():
-            gate_metrics[nid] = dict(rep.content[M.METRICS]) | {"seed": node_seed.get(nid, base_id)}
-            arrays, meta = M.pieces_to_records(pool.get(list(rep.content[M.SHORTLIST]["ids"])))
-            contents[nid] = RecordDict({M.CONFIG: cfg_for(nid), M.PIECES: arrays, M.PIECE_META: meta})
-        replies = _send(grid, M.ASSEMBLE, contents, settings.timeout, report, "assemble")
-        for nid, rep in sorted(replies.items()):
-            report.newcomers.append({"user": str(rep.content[M.INFO]["user"])} | gate_metrics[nid]
-                                    | dict(rep.content[M.METRICS]))
-    report.seconds["assemble"] = time.perf_counter() - t2
-    pool.close()
-    (out / "metrics.json").write_text(json.dumps(asdict(report), indent=1))
-    return report
+    return placed
+
+
+def collect_shortlists(r: Round, newcomers: list[int]) -> dict[int, list[str]]:
+    """Phase 1 of assembly: each newcomer scores its seed's gates and names the pieces it wants."""
+    gate_records = {seed: M.gates_to_records(r.pool.gates(seed)) for seed in {r.node_seed[n] for n in newcomers}}
+    replies = r.send(M.GATES, {n: r.content(n, **dict(zip((M.GATE_ARRAYS, M.GATE_META),
+                                                            gate_records[r.node_seed[n]])))
+                               for n in newcomers}, "gates")
+    for nid, rep in replies.items():
+        r.report.newcomers.append({"node": nid, "seed": r.node_seed[nid]} | dict(rep.content[M.METRICS]))
+    return {nid: list(rep.content[M.SHORTLIST]["ids"]) for nid, rep in replies.items()}
+
+
+def collect_assemblies(r: Round, shortlists: dict[int, list[str]]) -> None:
+    """Phase 2: each newcomer gets only the pieces it asked for, assembles, and reports metrics."""
+    contents = {}
+    for nid, ids in shortlists.items():
+        arrays, meta = M.pieces_to_records(r.pool.get(ids))
+        contents[nid] = r.content(nid, **{M.PIECES: arrays, M.PIECE_META: meta})
+    replies = r.send(M.ASSEMBLE, contents, "assemble")
+    rows = {row["node"]: row for row in r.report.newcomers}
+    r.report.newcomers = [{"user": str(replies[nid].content[M.INFO]["user"])} | rows[nid]
+                          | dict(replies[nid].content[M.METRICS]) for nid in shortlists if nid in replies]
+
+
+def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with PiecePool(out / "pool") as pool:
+        r = Round(grid, settings, pool, register_seed(pool, settings.seed_model))
+        with r.phase("connect"):
+            r.nodes = wait_for_nodes(grid, settings.min_nodes or settings.sharers + settings.newcomers,
+                                     settings.timeout)
+            log.info("%d nodes connected", len(r.nodes))
+        if settings.catalog:
+            with r.phase("seed-choice"):
+                choose_seeds(r, open_catalog(settings))
+        with r.phase("profiles"):
+            sharers, newcomers = choose_participants(r)
+        with r.phase("share"):
+            collect_shares(r, sharers)
+        with r.phase("gates"):
+            newcomers = place_newcomers(r, newcomers)
+            shortlists = collect_shortlists(r, newcomers) if newcomers else {}
+        with r.phase("assemble"):
+            if shortlists:
+                collect_assemblies(r, shortlists)
+    (out / "metrics.json").write_text(json.dumps(asdict(r.report), indent=1))
+    return r.report
 
 
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:

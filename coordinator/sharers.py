@@ -22,10 +22,15 @@ class Profile:
     node_id: int
     history_count: int
     embedding: np.ndarray
+    key_id: str = ""  # the device's signing key id: stable across runs, unlike node ids in a simulation
+
+    @property
+    def order(self) -> tuple[str, int]:
+        return self.key_id, self.node_id
 
 
 def select_sharers(profiles: Sequence[Profile], n: int, strategy: str, seed: int = 0) -> list[int]:
-    """Node ids of up to n distinct sharers, in order of preference (all of them, sorted, if n covers them)."""
+    """Node ids of up to n distinct sharers, in order of preference (all of them, in key order, if n covers them)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharer selection {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if n < 0:
@@ -33,19 +38,19 @@ def select_sharers(profiles: Sequence[Profile], n: int, strategy: str, seed: int
     first: dict[int, Profile] = {}
     for profile in profiles:
         first.setdefault(profile.node_id, profile)
-    unique = list(first.values())
+    unique = sorted(first.values(), key=lambda p: p.order)  # the same order in every run with the same devices
     if n >= len(unique):
-        return sorted(p.node_id for p in unique)
+        return [p.node_id for p in unique]
     if strategy == "random":
-        return random.Random(seed).sample(sorted(p.node_id for p in unique), n)
+        return [p.node_id for p in random.Random(seed).sample(unique, n)]
     if strategy == "most-active":
         return [p.node_id for p in _by_activity(unique)[:n]]
     return _diverse(unique, n, seed)
 
 
 def _by_activity(profiles: Sequence[Profile]) -> list[Profile]:
-    """Most history first; ties by the smaller node id."""
-    return sorted(profiles, key=lambda p: (-p.history_count, p.node_id))
+    """Most history first; ties by key id, then node id."""
+    return sorted(profiles, key=lambda p: (-p.history_count, *p.order))
 
 
 def _diverse(profiles: list[Profile], n: int, seed: int) -> list[int]:

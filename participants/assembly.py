@@ -30,15 +30,17 @@ from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord
+from protocols.settings import ParticipantSettings
 
 
 @dataclass
 class AssemblySettings:
-    top_k: int = 3
-    temperature: float = 1.0
-    shortlist: int = 6  # pieces per position fetched after the gate phase (>= top_k)
-    batch_size: int = 8
-    max_len: int = 128
+    """Defaults are the schema's (protocols.settings); participants.settings builds one from a run's settings."""
+    top_k: int = ParticipantSettings.top_k
+    temperature: float = ParticipantSettings.temperature
+    shortlist: int = ParticipantSettings.shortlist  # pieces per position fetched after the gate phase (>= top_k)
+    batch_size: int = ParticipantSettings.assembly_batch_size
+    max_len: int = ParticipantSettings.max_len
 
 
 @dataclass

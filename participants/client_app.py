@@ -1,7 +1,8 @@
 """The Flower ClientApp: each message type of protocols.messages mapped to on-device work.
 
-Nothing in a reply is personal data: a noised profile vector, the pieces this participant chose
-to share, the ids of the pool pieces it wants, and metrics.
+A dispatcher: the work lives in functions a benchmark calls just the same (participants.sharing for the sharer,
+participants.newcomer for the newcomer). Nothing in a reply is personal data: a noised profile vector, the
+pieces this participant chose to share, the ids of the pool pieces it wants, and metrics.
 """
 
 from __future__ import annotations
@@ -13,28 +14,44 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from participants.adapters import branches, save_peft_adapter
-from participants.assembly import assemble, shortlist
-from participants.cutting import choose_share, cut_into_pieces
+from participants.adapters import branches
 from participants.device import Device
 from participants.evaluation import evaluate
-from participants.gate_training import train_gates
-from participants.lora_training import train_private_lora
-from participants.seed_loading import load_seed
-from participants.settings import assembly_settings, lora_settings
+from participants.newcomer import assemble_pieces, shortlist_pieces
+from participants.seed_loading import LoadedSeed, load_seed
+from participants.sharing import train_and_share
 from protocols import messages as M
-from protocols.seeds import DEFAULT_SEED
+from protocols.identity import key_id, public_bytes
+from protocols.settings import ParticipantSettings, from_config
 
 log = logging.getLogger("bouquet")
 app = ClientApp()
 
 
-def _config(msg: Message) -> ConfigRecord:
-    return msg.content[M.CONFIG] if M.CONFIG in msg.content else ConfigRecord()
+def _settings(msg: Message) -> ParticipantSettings:
+    return from_config(ParticipantSettings, msg.content[M.CONFIG] if M.CONFIG in msg.content else {})
 
 
-def _seed(cfg: ConfigRecord):
-    return load_seed(str(cfg.get("seed", DEFAULT_SEED)))
+def _seed(msg: Message, s: ParticipantSettings, device: Device) -> LoadedSeed:
+    """The run's base, or the catalog seed the coordinator names (by name and hash), from the device's catalog."""
+    if M.SEED not in msg.content:
+        return load_seed(s.seed_model)
+    ref = msg.content[M.SEED]
+    name, content_hash = str(ref["catalog-seed"]), str(ref["content-hash"])
+    seed = load_seed(str(device.catalog_seed_folder(name)))
+    if seed.descriptor.content_hash != content_hash:
+        raise ValueError(f"catalog seed {name!r} on this device has weights {seed.descriptor.content_hash[:12]}…, "
+                         f"the coordinator's has {content_hash[:12]}…: update the device's catalog")
+    return seed
+
+
+def _key_id(device: Device) -> str:
+    return key_id(public_bytes(device.key().public_key()))
+
+
+def _stable_seed(s: ParticipantSettings, device: Device) -> int:
+    """A random seed of this device's own: the run's rng-seed and its key id, both stable across runs."""
+    return s.rng_seed * 7919 + int(_key_id(device)[:8], 16)
 
 
 def _reply(msg: Message, **records) -> Message:
@@ -47,12 +64,12 @@ def style(msg: Message, context: Context) -> Message:
     from participants.style_direction import choose_from_catalog
     from protocols.catalog import catalog_from_json
 
-    cfg = _config(msg)
+    s = _settings(msg)
     device = Device.from_node_config(context.node_config)
     catalog = catalog_from_json(str(msg.content[M.CATALOG]["json"]))
     start = time.perf_counter()
-    max_distance = float(cfg.get("max-seed-distance", 0.0)) or float("inf")
-    selection, own = choose_from_catalog(load_seed(catalog.base), device.history(), catalog, max_distance)
+    selection, own = choose_from_catalog(load_seed(catalog.base), device.history(), catalog,
+                                         s.max_seed_distance or float("inf"))
     log.info("%s", selection.reason)
     return _reply(msg, **{
         M.SELECTION: ConfigRecord({"seed": selection.seed_id or "", "distance": float(selection.distance),
@@ -64,38 +81,28 @@ def style(msg: Message, context: Context) -> Message:
 
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
-    """A noised mean embedding of the history and its size, for the coordinator's sharer choice."""
+    """A noised mean embedding of the history, its size, and the signing key id the coordinator orders nodes by."""
     from participants.profile import noised_profile
 
-    cfg = _config(msg)
+    s = _settings(msg)
     device = Device.from_node_config(context.node_config)
-    rng = np.random.default_rng(int(cfg.get("seed-number", 0)) + int(context.node_id % 2**31))
-    count, vec = noised_profile(device.history(), noise_std=float(cfg.get("profile-noise", 0.02)), rng=rng)
-    return _reply(msg, **{M.PROFILE_RECORD: ConfigRecord({"count": count, "embedding": [float(v) for v in vec]})})
+    rng = np.random.default_rng(_stable_seed(s, device))
+    count, vec = noised_profile(device.history(), noise_std=s.profile_noise, rng=rng)
+    return _reply(msg, **{M.PROFILE_RECORD: ConfigRecord({"count": count, "embedding": [float(v) for v in vec],
+                                                          "key-id": _key_id(device)})})
 
 
 @app.train("share")
 def share(msg: Message, context: Context) -> Message:
     """Train a private LoRA and its gates, cut into signed pieces, send back a share of them."""
-    cfg = _config(msg)
+    s = _settings(msg)
     device = Device.from_node_config(context.node_config)
     history = device.history()
-    seed = _seed(cfg)
-    settings = lora_settings(cfg)
     user = history[0].user
-    weights, lora_report = train_private_lora(seed, history, settings, desc=f"{user}: private LoRA")
-    gates, gate_report = train_gates(seed, history, weights, settings, steps=int(cfg.get("gate-steps", 30)),
-                                     lr=float(cfg.get("gate-lr", 5e-3)), desc=f"{user}: gates")
-    pieces = cut_into_pieces(seed.descriptor, weights, gates, settings.rank, settings.alpha, device.key())
-    shared = choose_share(pieces, float(cfg.get("share-ratio", 1.0)), seed=settings.seed + context.node_id % 2**31)
-    arrays, meta = M.pieces_to_records(shared)
-    metrics = MetricRecord({
-        "num-examples": len(history), "pieces-cut": len(pieces), "pieces-shared": len(shared),
-        "lora-seconds": lora_report.seconds, "lora-steps": len(lora_report.losses),
-        "lora-tokens": lora_report.tokens, "lora-loss-first": lora_report.losses[0],
-        "lora-loss-last": lora_report.losses[-1], "gate-seconds": gate_report.seconds,
-        "gate-tokens": gate_report.tokens, "upload-bytes": int(arrays.count_bytes()),
-    })
+    result = train_and_share(_seed(msg, s, device), history, s, device.key(), _stable_seed(s, device), who=user)
+    arrays, meta = M.pieces_to_records(result.shared)
+    metrics = MetricRecord({"num-examples": len(history), **result.metrics(),
+                            "upload-bytes": int(arrays.count_bytes())})
     return _reply(msg, **{M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: metrics,
                           M.INFO: ConfigRecord({"user": user})})
 
@@ -103,12 +110,11 @@ def share(msg: Message, context: Context) -> Message:
 @app.query("gates")
 def gates(msg: Message, context: Context) -> Message:
     """Phase 1 of assembly: score the pool's gates on the own history, ask for the best pieces."""
-    cfg = _config(msg)
+    s = _settings(msg)
     device = Device.from_node_config(context.node_config)
-    seed = _seed(cfg)
     entries = M.gates_from_records(msg.content[M.GATE_ARRAYS], msg.content[M.GATE_META])
     start = time.perf_counter()
-    ids = shortlist(seed, device.history(), entries, assembly_settings(cfg)) if entries else []
+    ids = shortlist_pieces(_seed(msg, s, device), device.history(), entries, s)
     return _reply(msg, **{M.SHORTLIST: ConfigRecord({"ids": ids}),
                           M.METRICS: MetricRecord({"shortlist-seconds": time.perf_counter() - start,
                                                    "gates-received": len(entries)})})
@@ -117,27 +123,19 @@ def gates(msg: Message, context: Context) -> Message:
 @app.train("assemble")
 def assemble_adapter(msg: Message, context: Context) -> Message:
     """Phase 2: assemble from the shortlisted pieces, keep the adapter, report held-out metrics."""
-    cfg = _config(msg)
+    s = _settings(msg)
     device = Device.from_node_config(context.node_config)
-    seed = _seed(cfg)
+    seed = _seed(msg, s, device)
     pieces = M.pieces_from_records(msg.content[M.PIECES], msg.content[M.PIECE_META])
-    bad = [p.position for p in pieces if not p.signature_ok() or p.seed_hash != seed.descriptor.content_hash]
-    if bad:
-        raise ValueError(f"refusing {len(bad)} pieces whose signature or seed hash does not check out: {bad[:3]}")
     history, test = device.history(), device.test()
-    settings = assembly_settings(cfg)
-    result = assemble(seed, history, pieces, settings)
-    save_peft_adapter(device.adapter_dir, result.weights, result.rank, result.alpha, seed.descriptor.seed_id,
-                      extra={"user": history[0].user, "seed": seed.descriptor.seed_id,
-                             "seed_hash": seed.descriptor.content_hash, "choices": result.choices})
+    result = assemble_pieces(seed, history, pieces, s, device.adapter_dir)
     metrics = {"history-size": len(history), "test-size": len(test), "assembly-seconds": result.seconds,
                "assembly-tokens": result.tokens, "pieces-received": len(pieces),
                "download-bytes": int(msg.content[M.PIECES].count_bytes())}
     if test:
-        max_new = int(cfg.get("max-new-tokens", 48))
-        gen = bool(cfg.get("generate", True))
-        base = evaluate(seed, test, None, max_new_tokens=max_new, with_generation=gen, max_len=settings.max_len)
-        mine = evaluate(seed, test, branches(result.weights, 1.0, seed.device), max_new_tokens=max_new,
-                        with_generation=gen, max_len=settings.max_len)
+        base = evaluate(seed, test, None, max_new_tokens=s.max_new_tokens, with_generation=s.generate,
+                        max_len=s.max_len)
+        mine = evaluate(seed, test, branches(result.weights, 1.0, seed.device), max_new_tokens=s.max_new_tokens,
+                        with_generation=s.generate, max_len=s.max_len)
         metrics |= {f"seed-{k}": v for k, v in base.items()} | {f"assembled-{k}": v for k, v in mine.items()}
     return _reply(msg, **{M.METRICS: MetricRecord(metrics), M.INFO: ConfigRecord({"user": history[0].user})})

@@ -7,6 +7,9 @@ simulation every virtual participant gets `$BOUQUET_DEVICES_ROOT/<partition-id>/
     test.jsonl      held-out records for evaluation (optional)
     key.pem         its Ed25519 signing key (created on first use)
     adapter/        its assembled adapter, a PEFT LoRA folder
+A device that may run on a catalog seed also knows a local copy of the catalog (`--node-config
+"catalog-dir='/path'"`, or $BOUQUET_CATALOG_DIR in a simulation): the coordinator names a seed by its catalog
+name and content hash, and the device loads it from there and checks the hash.
 """
 
 from __future__ import annotations
@@ -15,23 +18,28 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocols.catalog import SEEDS_DIR
 from protocols.identity import load_or_create_key
 from protocols.records import PersonalRecord, load_records
 
 DEVICES_ROOT_ENV = "BOUQUET_DEVICES_ROOT"
+CATALOG_DIR_ENV = "BOUQUET_CATALOG_DIR"
 
 
 @dataclass(frozen=True)
 class Device:
     root: Path
+    catalog_dir: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict) -> "Device":
+        catalog = node_config.get("catalog-dir") or os.environ.get(CATALOG_DIR_ENV)
+        catalog_dir = Path(str(catalog)) if catalog else None
         if "device-dir" in node_config:
-            return cls(Path(str(node_config["device-dir"])))
+            return cls(Path(str(node_config["device-dir"])), catalog_dir)
         root = os.environ.get(DEVICES_ROOT_ENV)
         if root is not None and "partition-id" in node_config:
-            return cls(Path(root) / str(node_config["partition-id"]))
+            return cls(Path(root) / str(node_config["partition-id"]), catalog_dir)
         raise RuntimeError("this node has no device folder: start the SuperNode with "
                            "--node-config \"device-dir='/path/to/device'\" (a folder holding history.jsonl)")
 
@@ -48,3 +56,10 @@ class Device:
     @property
     def adapter_dir(self) -> Path:
         return self.root / "adapter"
+
+    def catalog_seed_folder(self, name: str) -> Path:
+        """Where this device keeps the catalog seed `name`; a clear error when it keeps no catalog."""
+        if self.catalog_dir is None:
+            raise RuntimeError(f"the coordinator asks for catalog seed {name!r}, but this device keeps no catalog: "
+                               f"start it with --node-config \"catalog-dir='/path/to/catalog'\"")
+        return self.catalog_dir / SEEDS_DIR / name

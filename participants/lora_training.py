@@ -12,6 +12,7 @@ from participants.chat_data import encode_all, endless_batches, next_token_loss
 from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
+from protocols.settings import ParticipantSettings
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")  # attention and MLP of a Llama block
@@ -19,15 +20,15 @@ ALL_PROJECTIONS = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")  # att
 
 @dataclass
 class LoraSettings:
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 30
-    lr: float = 1e-3
-    batch_size: int = 4
-    max_len: int = 128
+    rank: int = ParticipantSettings.lora_rank
+    alpha: float = ParticipantSettings.lora_alpha
+    steps: int = ParticipantSettings.lora_steps
+    lr: float = ParticipantSettings.lora_lr
+    batch_size: int = ParticipantSettings.batch_size
+    max_len: int = ParticipantSettings.max_len
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.05
-    seed: int = 0
+    seed: int = ParticipantSettings.rng_seed
 
 
 @dataclass

@@ -39,12 +39,23 @@ def embed_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def noised_profile(
-    records: Sequence[PersonalRecord], *, rng: np.random.Generator, noise_std: float = 0.05
-) -> tuple[int, np.ndarray]:
-    """(number of history items, unit-length noised mean embedding of their "input\\noutput" texts)."""
+def mean_embedding(records: Sequence[PersonalRecord]) -> np.ndarray:
+    """The mean MiniLM embedding of a history's "input\\noutput" texts."""
     if not records:
         raise ValueError("a profile needs at least one history record")
-    mean = embed_texts([f"{r.input}\n{r.output}" for r in records]).mean(axis=0)
+    return embed_texts([f"{r.input}\n{r.output}" for r in records]).mean(axis=0)
+
+
+def unit_profile(records: Sequence[PersonalRecord]) -> np.ndarray:
+    """The mean embedding at unit length, without noise: what stays on the device (retrieval compares these)."""
+    mean = mean_embedding(records)
+    return mean / np.linalg.norm(mean)
+
+
+def noised_profile(
+    records: Sequence[PersonalRecord], *, rng: np.random.Generator, noise_std: float
+) -> tuple[int, np.ndarray]:
+    """(number of history items, unit-length noised mean embedding of their "input\\noutput" texts)."""
+    mean = mean_embedding(records)
     noised = mean + rng.normal(0.0, noise_std, size=mean.shape)
     return len(records), (noised / np.linalg.norm(noised)).astype(np.float32)

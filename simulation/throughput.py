@@ -1,7 +1,7 @@
 """Throughput of bouquet's hot loops against bare loops doing the same work, in one process.
 
-    python -m simulation.throughput [--seed-model S] [--steps N] [--batch-size B] [--max-len L]
-                                    [--repeats R] [--json PATH]
+    bouquet throughput [--seed-model S] [--steps N] [--batch-size B] [--max-len L]
+                       [--repeats R] [--json PATH]
 
 Parts, each in tokens per second (non-pad tokens through the model) of bouquet and of a bare loop:
   LoRA training   `train_private_lora` vs. PEFT + AdamW on the same batches (first step excluded)
@@ -257,7 +257,7 @@ def print_report(result: dict, console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulation.throughput", description=__doc__,
+    p = argparse.ArgumentParser(prog="bouquet throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed-model", default=DEFAULT_SEED, help=f"{DEFAULT_SEED}, {TINY}, a local HF folder or a hub id")
     p.add_argument("--steps", type=int, default=10, help="training steps per run (the first is warm-up)")

@@ -11,9 +11,13 @@ from conftest import tiny_catalog
 from coordinator.pool import PiecePool
 from participants.seed_loading import is_loaded
 from protocols.records import PersonalRecord, save_records
-from simulation import bench as bench_module
-from simulation.bench import device_pieces, run_bench, split_users, sweep_values
-from simulation.bench_settings import METHODS, BenchSettings, resolve_settings
+from simulation.bench import run as bench_run
+from simulation.bench import seeds as bench_seeds
+from simulation.bench.run import run_bench
+from simulation.bench.settings import METHODS, BenchSettings, resolve_settings
+from simulation.bench.sharers import device_pieces
+from simulation.bench.sweeps import sweep_values
+from simulation.bench.users import split_users
 from simulation.datasets import UserData
 from simulation.fidelity import style_label, training_set
 
@@ -25,7 +29,7 @@ def tiny_settings(root, **changes) -> BenchSettings:
             for u, s in enumerate(STYLES) for i in range(9)]
     save_records(recs, root / "data.jsonl")
     return resolve_settings(data=str(root / "data.jsonl"), seed_model="tiny-random", sharers=3, targets=2,
-                            history=6, test=3, steps=4, gate_steps=2, rank=4, alpha=8.0, max_len=48,
+                            history=6, test=3, lora_steps=4, gate_steps=2, lora_rank=4, lora_alpha=8.0, max_len=48,
                             max_new_tokens=4, **changes)
 
 
@@ -86,8 +90,8 @@ def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
     before = (out / "results.jsonl").read_text()
     run_bench(settings, out)
     assert (out / "results.jsonl").read_text() == before
-    with pytest.raises(ValueError, match="other settings.*steps: 4 there, 5 now"):
-        run_bench(replace(settings, steps=5), out)
+    with pytest.raises(ValueError, match="other settings.*lora_steps: 4 there, 5 now"):
+        run_bench(replace(settings, lora_steps=5), out)
 
 
 def test_a_changed_judge_rescores_the_stored_generations_without_rerunning(bench):
@@ -119,19 +123,19 @@ def test_fidelity_classifier_never_sees_held_out_items():
         training_set(styled[:2], "style0-u0")
 
 
-def test_styleqa_split_gives_every_target_a_sharer_of_its_style():
-    sharers, targets = split_users(BenchSettings(data="styleqa", sharers=9, targets=4, history=2, test=1))
+def test_styleqa_split_gives_every_target_a_sharer_of_its_style(styleqa_folder):
+    sharers, targets = split_users(BenchSettings(data=str(styleqa_folder), sharers=9, targets=4, history=2, test=1))
     assert len(sharers) == 9 and len(targets) == 4
     assert not {u.user for u in sharers} & {u.user for u in targets}
     assert {style_label(t.user) for t in targets} <= {style_label(s.user) for s in sharers}
 
 
 def test_presets_fill_in_and_flags_override():
-    s = resolve_settings("small", data="healthtweets", steps=4)
-    assert (s.sharers, s.targets, s.steps, s.ft_steps, s.max_len) == (6, 4, 4, 1, 96)
+    s = resolve_settings("small", data="healthtweets", lora_steps=4)
+    assert (s.sharers, s.targets, s.lora_steps, s.ft_steps, s.max_len) == (6, 4, 4, 1, 96)
     assert resolve_settings("small", data="styleqa").max_len == 128
     for bad, message in [({"top_k": 4, "shortlist": 2}, "shortlist"), ({"sweep": ("depth",)}, "unknown sweep"),
-                         ({"rho": 0.0}, "rho"), ({"targets": 0}, "targets")]:
+                         ({"share_ratio": 0.0}, "share-ratio"), ({"targets": 0}, "targets")]:
         with pytest.raises(ValueError, match=message):
             resolve_settings(**bad)
 
@@ -146,7 +150,7 @@ class Forced:
 
     def __init__(self, monkeypatch, seeds: dict[str, str | None]):
         self.seeds, self.events = seeds, []  # ("choose", user) and ("load", source), in order
-        choose, load = bench_module.choose_from_catalog, bench_module.load_seed
+        choose, load = bench_seeds.choose_from_catalog, bench_run.load_seed
 
         def forced_choice(base, records, catalog, max_distance=math.inf):
             selection, own = choose(base, records, catalog, max_distance)
@@ -158,8 +162,8 @@ class Forced:
             self.events.append(("load", source))
             return load(source, *args, **kwargs)
 
-        monkeypatch.setattr(bench_module, "choose_from_catalog", forced_choice)
-        monkeypatch.setattr(bench_module, "load_seed", counted_load)
+        monkeypatch.setattr(bench_seeds, "choose_from_catalog", forced_choice)
+        monkeypatch.setattr(bench_run, "load_seed", counted_load)
 
     @property
     def chosen(self) -> list[str]:
@@ -210,13 +214,13 @@ def test_with_a_catalog_every_participant_picks_its_seed_first(with_catalog):
 
 def test_sharers_share_into_the_pool_of_their_seed(with_catalog):
     out, _, catalog, sharers, _, report, _ = with_catalog
-    zappy, formal = catalog.seed_source("zappy"), catalog.seed_source("formal")
+    zappy, formal = "catalog:zappy", "catalog:formal"  # a catalog seed's id: its name, never a path
     with PiecePool(out / "pool") as pool:
-        in_pool = {source: {pid for pid, *_ in pool.gates(source)} for source in (zappy, formal, "tiny-random")}
-    for u, source in zip(sharers, [zappy, zappy, "tiny-random"], strict=True):
+        in_pool = {seed: {pid for pid, *_ in pool.gates(seed)} for seed in (zappy, formal, "tiny-random")}
+    for u, seed in zip(sharers, [zappy, zappy, "tiny-random"], strict=True):
         pieces = device_pieces(out, u.user)
-        assert {p.seed_id for p in pieces} == {source}
-        assert {p.piece_id for p in pieces} <= in_pool[source]  # rho 1: every piece is shared
+        assert {p.seed_id for p in pieces} == {seed}
+        assert {p.piece_id for p in pieces} <= in_pool[seed]  # share ratio 1: every piece is shared
     assert in_pool[formal] == set()
     assert report["seeds"]["pool_pieces"] == {"zappy": len(in_pool[zappy]), "base": len(in_pool["tiny-random"])}
 
@@ -232,7 +236,7 @@ def test_a_targets_methods_run_on_its_seed_or_the_nearest_seed_with_sharers(with
     nearest = {r["target"]: r["detail"]["sharer"] for r in rows if r["method"] == "retrieval"}
     assert set(nearest.values()) <= {sharers[0].user, sharers[1].user}
     oppu = json.loads((out / "adapters" / on_zappy.user / "oppu" / "adapter_config.json").read_text())
-    assert oppu["base_model_name_or_path"] == catalog.seed_source("zappy")
+    assert oppu["base_model_name_or_path"] == "catalog:zappy"
     parts = report["seeds"]["participants"]
     assert parts[on_zappy.user]["ran_on"] == "zappy"
     assert parts[moved.user]["ran_on"] == "zappy (fallback: no sharer on formal)"

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 from conftest import tiny_catalog
 
-from coordinator.config import RunSettings
 from coordinator.pool import PiecePool
 from protocols.records import PersonalRecord, save_records
 from simulation.cli import main as cli
 from simulation.datasets import load_users
 from simulation.federation import collect_adapters, prepare_devices, simulate_devices
+from simulation.settings import SimulateSettings
 
 pytestmark = pytest.mark.integration
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
@@ -26,10 +26,10 @@ def run(tmp_path_factory):
     save_records(recs, root / "data.jsonl")
     users = load_users(str(root / "data.jsonl"), history_size=8, test_size=4)
     run_dir = root / "run"
-    settings = RunSettings(seed="tiny-random", out_dir=str(run_dir), num_sharers=3, num_newcomers=2,
+    settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=3, newcomers=2,
                            lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
                            sharer_selection="most-active", min_nodes=len(users), catalog=str(catalog.folder))
-    mapping = prepare_devices(users, run_dir)
+    mapping = prepare_devices(users, run_dir, settings.rng_seed)
     # one participant whose data is corrupt: it answers every message with an error
     (run_dir / "devices" / "5" / "history.jsonl").write_text("{not json\n")
     metrics = simulate_devices(run_dir, mapping, settings)
@@ -48,7 +48,7 @@ def test_sharers_fill_the_pool_and_newcomers_get_adapters(run):
         assert m["seed-perplexity"] > 0 and m["assembled-perplexity"] > 0
         assert 0 <= m["assembled-rouge1"] <= 1 and m["download-bytes"] > 0
         meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
-        assert meta["user"] == m["user"] and len(meta["choices"]) >= 1
+        assert len(meta["choices"]) >= 1
 
 
 def test_every_participant_picks_a_seed_and_its_pieces_land_in_that_seeds_pool(run):
@@ -59,12 +59,12 @@ def test_every_participant_picks_a_seed_and_its_pieces_land_in_that_seeds_pool(r
         assert sel["seed"] in ("zappy", "formal") and "your data reads as" in sel["reason"]
     sharer_seeds = sorted({metrics["selections"][u]["seed"] for u in metrics["sharers"]})
     with PiecePool(run_dir / "pool") as pool:
-        filled = sorted(Path(sid).name for sid, n in metrics["pool_by_seed"].items() if n)
+        filled = sorted(sid.removeprefix("catalog:") for sid, n in metrics["pool_by_seed"].items() if n)
         assert filled == sharer_seeds  # each sharer's pieces went to the pool of the seed it chose
         assert sum(metrics["pool_by_seed"].values()) == pool.count() == 24
     for m in metrics["newcomers"]:
         meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
-        assert meta["seed"] == m["seed"]  # it assembled on the seed whose pool it drew from
+        assert meta["seed_model"] == m["seed"]  # it assembled on the seed whose pool it drew from
         if not m["seed"].endswith(metrics["selections"][m["user"]]["seed"]):  # its own seed's pool was empty
             moved = [f for f in metrics["fallbacks"].values() if f["used"] == m["seed"]]
             assert moved and all(metrics["pool_by_seed"].get(f["wanted"], 0) == 0 for f in moved)

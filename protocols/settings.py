@@ -1,0 +1,142 @@
+"""The settings schema: every setting of a run written once, with its default, its range and its help.
+
+A setting is a dataclass field made by `setting(...)`; its metadata carries the help text and the range. From
+that one declaration come the command-line flag (`--lora-rank`), the Flower config key (`lora-rank`, in
+`[tool.flwr.app.config]` and in the config record every message carries) and the attribute (`lora_rank`):
+one name, spelled three ways. `ParticipantSettings` is what a device reads from a message; the coordinator's
+round settings and the harness's extend it (coordinator/settings.py, simulation/settings.py). Unknown keys are
+refused, never ignored, as nanoGPT's configurator refuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from protocols.seeds import DEFAULT_SEED
+
+
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its help and range: `low <= value <= high` (`low < value` when `low_open`)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
+                                            "choices": choices})
+
+
+def same_as(cls: type, name: str, **changes: Any) -> Any:
+    """The field `name` of `cls` declared again in another settings class: same default, range and help."""
+    f = cls.__dataclass_fields__[name]
+    meta = dict(f.metadata) | {k: v for k, v in changes.items() if k != "default"}
+    return field(default=changes.get("default", f.default), metadata=meta)
+
+
+def key(name: str) -> str:
+    """The config key and flag name of an attribute: `lora_rank` -> `lora-rank`."""
+    return name.replace("_", "-")
+
+
+def describe_range(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(m["choices"])
+    low, high = m.get("low"), m.get("high")
+    if low is None and high is None:
+        return ""
+    left = ("(" if m.get("low_open") else "[") + (f"{low:g}" if low is not None else "-inf")
+    return f"{left}, {high:g}]" if high is not None else f"{left}, inf)"
+
+
+def problems_of(obj: Any) -> list[str]:
+    """Each setting out of its range or of the wrong type, in words that name the key."""
+    problems = []
+    for f in fields(obj):
+        value, m = getattr(obj, f.name), f.metadata
+        if "help" not in m or value is None:
+            continue
+        if m.get("choices") and value not in m["choices"]:
+            problems.append(f"{key(f.name)} must be one of {', '.join(m['choices'])}, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key(f.name)} must be a finite number, got {value}")
+            continue
+        low, high = m.get("low"), m.get("high")
+        too_low = low is not None and (value <= low if m.get("low_open") else value < low)
+        if too_low or (high is not None and value > high):
+            problems.append(f"{key(f.name)} must be within {describe_range(f)}, got {value}")
+    return problems
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """A config value (Flower's run config gives TOML types) as the field's type."""
+    kind = type(f.default) if f.default is not None else str
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"{key(f.name)} must be true or false, got {value!r}")
+            return value.lower() == "true"
+        return bool(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{key(f.name)} must be a whole number, got {value}")
+    return kind(value)
+
+
+def from_config(cls: type, config: Any, *, allow_unknown: bool = False) -> Any:
+    """Settings from a flat key -> value mapping (Flower's run config or a message's config record); missing
+    keys keep their defaults, unknown keys are an error naming the known ones."""
+    known = {key(f.name): f for f in fields(cls) if "help" in f.metadata}
+    given = dict(config.items())
+    unknown = sorted(set(given) - set(known))
+    if unknown and not allow_unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
+    return cls(**{known[k].name: coerce(known[k], v) for k, v in given.items() if k in known})
+
+
+def to_config(obj: Any, of: type | None = None) -> dict:
+    """The settings (those of class `of` only, when given) as a flat config: key -> value."""
+    names = {f.name for f in fields(of or obj)}
+    return {key(f.name): getattr(obj, f.name) for f in fields(obj) if f.name in names and "help" in f.metadata}
+
+
+def check(obj: Any, *extra: str) -> None:
+    problems = problems_of(obj) + [p for p in extra if p]
+    if problems:
+        raise ValueError("bad settings: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ParticipantSettings:
+    """What a device reads from the config record of every message: how to train, share and assemble."""
+
+    seed_model: str = setting(DEFAULT_SEED, "the base model: embedded:smollm2-135m-instruct, tiny-random, a local "
+                                            "Hugging Face folder or a hub id")
+    lora_rank: int = setting(8, "rank r of the private LoRA", low=1)
+    lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / r)", low=0, low_open=True)
+    lora_steps: int = setting(30, "private LoRA training steps", low=1)
+    lora_lr: float = setting(1e-3, "private LoRA learning rate", low=0, low_open=True)
+    gate_steps: int = setting(30, "gate training steps per sharer (0: gates stay at zero)", low=0)
+    gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)
+    batch_size: int = setting(4, "training batch size", low=1)
+    max_len: int = setting(96, "tokens per training, assembly and evaluation sequence", low=8)
+    share_ratio: float = setting(1.0, "the fraction of its pieces a sharer sends to the pool", low=0, high=1,
+                                 low_open=True)
+    top_k: int = setting(3, "pieces mixed per position", low=1)
+    temperature: float = setting(1.0, "softmax temperature of the mix", low=0, low_open=True)
+    shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
+                             low=1)
+    assembly_batch_size: int = setting(8, "history items per assembly forward pass", low=1)
+    max_new_tokens: int = setting(40, "greedy generation length when evaluating", low=1)
+    generate: bool = setting(True, "evaluate greedy generations (ROUGE) besides perplexity")
+    profile_noise: float = setting(0.02, "std per coordinate of the noise on a device's profile embedding", low=0)
+    max_seed_distance: float = setting(0.0, "with a catalog: keep the base when the nearest seed's mix of "
+                                            "attributes is farther (L1 between shares, 0..2); 0 = always the "
+                                            "nearest", low=0, high=2)
+    rng_seed: int = setting(0, "the random seed of training, of the shares and of the choice of participants",
+                            low=0)
+
+    def __post_init__(self) -> None:
+        check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "
+                                                    f"({self.top_k})")

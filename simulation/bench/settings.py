@@ -1,0 +1,86 @@
+"""What one `bouquet bench` run is: its settings, their checks, and the presets that fill them.
+
+The participants' settings are the run's schema (protocols.settings); the bench adds who is benched. Kept free
+of heavy imports so that the command line can show defaults and refuse bad flags at once. A run directory
+stores these settings; a rerun must match them to resume (sweeps may be added).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from coordinator.settings import RunSettings
+from protocols.settings import ParticipantSettings, check, same_as, setting
+from simulation.settings import UserSettings, is_styleqa
+
+METHODS = ("seed", "oppu", "retrieval", "random", "perpcs", "perpcs+ft")
+SWEEPS = ("rho", "topk", "sharers", "history")
+# Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
+# takes about 1.5 s there, a forward pass about 0.5 s, greedy generation about 15 tokens/s batched 8.
+PRESETS: dict[str, dict[str, dict]] = {
+    "small": {
+        "styleqa": {"sharers": 9, "targets": 4, "history": 16, "test": 6, "lora_steps": 20, "gate_steps": 10,
+                    "max_len": 128, "max_new_tokens": 40},
+        "other": {"sharers": 6, "targets": 4, "history": 16, "test": 12, "lora_steps": 30, "gate_steps": 20,
+                  "max_len": 96, "max_new_tokens": 32},
+    },
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings(ParticipantSettings, UserSettings):
+    sharers: int = same_as(RunSettings, "sharers")
+    targets: int = setting(2, "users who get every method and are evaluated (disjoint from the sharers)", low=1)
+    ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4)", low=1)
+    sweep: tuple[str, ...] = setting((), f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity as "
+                                         f"each changes")
+    catalog: str = same_as(RunSettings, "catalog", help="a seed catalog folder (`bouquet seeds build`, built on "
+                           "--seed-model): every sharer and target first picks its seed on its own history, and "
+                           "each target's methods run on its seed (\"\": all on --seed-model)")
+
+    def __post_init__(self) -> None:
+        if self.ft_steps is None:
+            object.__setattr__(self, "ft_steps", max(1, self.lora_steps // 4))
+        object.__setattr__(self, "sweep", tuple(self.sweep))
+        unknown = sorted(set(self.sweep) - set(SWEEPS))
+        check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "
+                                                    f"({self.top_k})",
+              unknown and f"unknown sweep {', '.join(unknown)}: choose among {', '.join(SWEEPS)}",
+              self.catalog and self.sweep and "sweep runs on one seed and its pool; with a catalog the targets "
+                                              "are spread over several seeds: run the sweeps without --catalog")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def resolve_settings(preset: str | None = None, **flags) -> BenchSettings:
+    """The defaults, then the preset's values for this kind of data, then every flag given (not None)."""
+    known = {f.name for f in fields(BenchSettings)}
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise ValueError(f"unknown bench settings {unknown}")
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose among {', '.join(PRESETS)}")
+        data = flags.get("data") or BenchSettings.data
+        values |= PRESETS[preset]["styleqa" if is_styleqa(data) else "other"]
+    values |= {k: v for k, v in flags.items() if v is not None}
+    return BenchSettings(**values)
+
+
+def check_run_dir(out: Path, settings: BenchSettings) -> None:
+    """Record the settings in out/settings.json, or refuse when the run there used other ones."""
+    path = out / "settings.json"
+    mine = settings.to_json()
+    if path.exists():
+        theirs = BenchSettings().to_json() | json.loads(path.read_text())  # settings added since: their defaults
+        differ = sorted(k for k in mine.keys() | theirs.keys() if k != "sweep" and mine.get(k) != theirs.get(k))
+        if differ:
+            changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
+            raise ValueError(f"{out} holds a bench run with other settings ({changes}); rerun with the same "
+                             f"settings to resume it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=1))

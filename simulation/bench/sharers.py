@@ -1,0 +1,66 @@
+"""The bench's sharers: each runs the device's own sharer pipeline once; its full adapter stays in its folder.
+
+A simulated device's signing key and share draw derive from the run's random seed, so piece ids and pools
+repeat from run to run (a real device's key comes from the OS's randomness).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.pool import PiecePool
+from participants.progress import log, progress
+from participants.seed_loading import LoadedSeed
+from participants.sharing import train_and_share
+from protocols.pieces import Piece
+from simulation.bench.settings import BenchSettings
+from simulation.datasets import UserData
+from simulation.jsonfiles import write_json
+
+
+def sharer_key(s: BenchSettings, user: str) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"bench:{s.rng_seed}:{user}".encode()).digest())
+
+
+def share_seed(s: BenchSettings, sharer_index: int) -> int:
+    return s.rng_seed * 7919 + sharer_index
+
+
+def prepare_sharers(seed: LoadedSeed, s: BenchSettings, sharers: list[UserData], out: Path,
+                    pool: PiecePool) -> dict[str, dict]:
+    """Train, cut and share every sharer not done yet (out/sharers.json keeps who is done, and their costs)."""
+    path = out / "sharers.json"
+    stats: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    with progress(len(sharers), "sharers") as bar:
+        for i, u in enumerate(sharers):
+            if u.user not in stats:
+                result = train_and_share(seed, u.history, s, sharer_key(s, u.user), share_seed(s, i), who=u.user)
+                device = out / "devices" / u.user
+                device.mkdir(parents=True, exist_ok=True)
+                for p in result.pieces:
+                    (device / f"{p.piece_id}.safetensors").write_bytes(p.to_bytes())
+                _, refused = pool.add_many(result.shared)
+                for r in refused:
+                    log.warning("%s: %s", u.user, r)
+                m = result.metrics()
+                stats[u.user] = {
+                    "upload_bytes": m["upload-bytes"], "train_seconds": result.lora.seconds + result.gates.seconds,
+                    "train_tokens": result.lora.tokens + result.gates.tokens, "lora_seconds": result.lora.seconds,
+                    "gate_seconds": result.gates.seconds, "lora_loss_first": m["lora-loss-first"],
+                    "lora_loss_last": m["lora-loss-last"], "pieces_cut": len(result.pieces),
+                    "pieces_shared": len(result.shared), "pieces_refused": len(refused)}
+                write_json(path, stats)
+            bar.update(sharer=u.user)
+    return stats
+
+
+def device_pieces(out: Path, user: str) -> list[Piece]:
+    """A sharer's full adapter as pieces, read back from its device folder, in position order."""
+    files = sorted((out / "devices" / user).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{out / 'devices' / user} holds no pieces; remove {user} from sharers.json to retrain")
+    return sorted((Piece.from_bytes(f.read_bytes()) for f in files), key=lambda p: p.position)
