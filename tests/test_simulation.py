@@ -17,22 +17,31 @@ pytestmark = pytest.mark.integration
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 
 
+def simulate(root, catalog, users):
+    run_dir = root / "run"
+    settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=3, newcomers=2,
+                                lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
+                                sharer_selection="most-active", min_nodes=len(users), catalog=str(catalog.folder))
+    mapping = prepare_devices(users, run_dir, settings.rng_seed)
+    # one participant whose data is corrupt: it answers every message with an error
+    (run_dir / "devices" / "5" / "history.jsonl").write_text("{not json\n")
+    return run_dir, mapping, simulate_devices(run_dir, mapping, settings), settings
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     catalog = tiny_catalog(root / "catalog")
     recs = [PersonalRecord(f"user{u}", f"tell me about item {i}", f"{s} item {i} is fine {s}")
             for u, s in enumerate(STYLES) for i in range(12)]
     save_records(recs, root / "data.jsonl")
     users = load_users(str(root / "data.jsonl"), history_size=8, test_size=4)
-    run_dir = root / "run"
-    settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=3, newcomers=2,
-                           lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
-                           sharer_selection="most-active", min_nodes=len(users), catalog=str(catalog.folder))
-    mapping = prepare_devices(users, run_dir, settings.rng_seed)
-    # one participant whose data is corrupt: it answers every message with an error
-    (run_dir / "devices" / "5" / "history.jsonl").write_text("{not json\n")
-    metrics = simulate_devices(run_dir, mapping, settings)
+    return root, catalog, users, simulate(root, catalog, users)
+
+
+@pytest.fixture(scope="module")
+def run(world):
+    run_dir, mapping, metrics, _ = world[3]
     return run_dir, mapping, metrics
 
 
@@ -113,3 +122,41 @@ def test_adapters_are_collected_once_per_newcomer(run):
     run_dir, mapping, metrics = run
     collect_adapters(run_dir, mapping)
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == sorted(m["user"] for m in metrics["newcomers"])
+
+
+def test_the_bench_assembles_exactly_what_a_newcomer_assembled_in_the_round(world):
+    """Same user, pool and settings: the bench's Per-Pcs path and the Flower flow give identical weights, since
+    both run participants.newcomer."""
+    import numpy as np
+
+    from participants.adapters import load_peft_adapter
+    from participants.seed_loading import load_seed
+    from protocols.records import load_records
+    from simulation.bench.methods import perpcs
+
+    _, catalog, _, (run_dir, mapping, metrics, settings) = world
+    partition = {user: pid for pid, user in mapping.items()}
+    assert metrics["newcomers"]
+    with PiecePool(run_dir / "pool") as pool:
+        for m in metrics["newcomers"]:
+            seed_id = m["seed"]
+            source = catalog.seed_source(seed_id.removeprefix("catalog:")) if seed_id.startswith("catalog:") \
+                else seed_id
+            history = load_records(run_dir / "devices" / str(partition[m["user"]]) / "history.jsonl")
+            candidates = pool.get([pid for pid, *_ in pool.gates(seed_id)])
+            _, bench = perpcs(load_seed(source), history, candidates, settings)
+            federated, _, _ = load_peft_adapter(run_dir / "adapters" / m["user"])
+            assert federated.keys() == bench.assembly.weights.keys()
+            for pos, (A, B) in bench.assembly.weights.items():
+                assert np.array_equal(federated[pos][0], A) and np.array_equal(federated[pos][1], B), pos
+
+
+def test_the_same_command_picks_the_same_sharers_and_newcomers_with_the_same_results(world, tmp_path):
+    """Node ids are random in every simulation; the coordinator orders nodes by their devices' key ids."""
+    root, catalog, users, (_, _, first, _) = world
+    _, _, again, _ = simulate(tmp_path, catalog, users)
+    assert sorted(again["sharers"]) == sorted(first["sharers"])
+    assert [m["user"] for m in again["newcomers"]] == [m["user"] for m in first["newcomers"]]
+    for a, b in zip(first["newcomers"], again["newcomers"]):
+        assert a["assembled-perplexity"] == b["assembled-perplexity"]
+        assert a["seed"] == b["seed"]
