@@ -154,7 +154,7 @@ def choose_participants(r: Round) -> tuple[list[int], list[int]]:
                         str(rep.content[M.PROFILE_RECORD].get("key-id", "")))
                 for nid, rep in replies.items()]
     s = r.settings
-    sharers = select_sharers(profiles, s.sharers, s.sharer_selection, seed=s.rng_seed)
+    sharers = select_sharers(profiles, s.sharers, s.sharer_selection, rng_seed=s.rng_seed)
     rest = [p.node_id for p in sorted(profiles, key=lambda p: p.order) if p.node_id not in sharers]
     newcomers = random.Random(s.rng_seed).sample(rest, min(s.newcomers, len(rest)))
     log.info("sharers: %s; newcomers: %s", sharers, newcomers)

@@ -29,7 +29,7 @@ class Profile:
         return self.key_id, self.node_id
 
 
-def select_sharers(profiles: Sequence[Profile], n: int, strategy: str, seed: int = 0) -> list[int]:
+def select_sharers(profiles: Sequence[Profile], n: int, strategy: str, *, rng_seed: int) -> list[int]:
     """Node ids of up to n distinct sharers, in order of preference (all of them, in key order, if n covers them)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharer selection {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -42,10 +42,10 @@ def select_sharers(profiles: Sequence[Profile], n: int, strategy: str, seed: int
     if n >= len(unique):
         return [p.node_id for p in unique]
     if strategy == "random":
-        return [p.node_id for p in random.Random(seed).sample(unique, n)]
+        return [p.node_id for p in random.Random(rng_seed).sample(unique, n)]
     if strategy == "most-active":
         return [p.node_id for p in _by_activity(unique)[:n]]
-    return _diverse(unique, n, seed)
+    return _diverse(unique, n, rng_seed)
 
 
 def _by_activity(profiles: Sequence[Profile]) -> list[Profile]:
@@ -53,12 +53,12 @@ def _by_activity(profiles: Sequence[Profile]) -> list[Profile]:
     return sorted(profiles, key=lambda p: (-p.history_count, *p.order))
 
 
-def _diverse(profiles: list[Profile], n: int, seed: int) -> list[int]:
+def _diverse(profiles: list[Profile], n: int, rng_seed: int) -> list[int]:
     """The most active member of each of n k-means clusters, topped up with the most active others."""
     if n == 0:
         return []
     embeddings = np.stack([np.asarray(p.embedding, dtype=np.float64) for p in profiles])
-    labels = KMeans(n_clusters=n, n_init=10, random_state=seed).fit_predict(embeddings)
+    labels = KMeans(n_clusters=n, n_init=10, random_state=rng_seed).fit_predict(embeddings)
     leaders = [_by_activity([p for p, label in zip(profiles, labels) if label == c])[0] for c in sorted(set(labels))]
     chosen = [p.node_id for p in _by_activity(leaders)]
     rest = [p.node_id for p in _by_activity(profiles) if p.node_id not in chosen]

@@ -176,9 +176,9 @@ def _common_rank(pieces: list[Piece]) -> int:
     return max(counts, key=lambda r: (counts[r], -r))
 
 
-def random_assembly(pieces: list[Piece], settings: AssemblySettings, seed: int = 0) -> Assembly:
+def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed: int) -> Assembly:
     """The random-pieces baseline: the same mixing with random scores instead of gate scores."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(rng_seed)
     rank = _common_rank(pieces)
     grouped: dict[str, list[Piece]] = defaultdict(list)
     for p in pieces:

@@ -23,10 +23,10 @@ def cut_into_pieces(seed: SeedDescriptor, weights: LoraWeights, gates: dict[str,
     return pieces
 
 
-def choose_share(pieces: list[Piece], ratio: float, seed: int = 0) -> list[Piece]:
+def choose_share(pieces: list[Piece], ratio: float, *, rng_seed: int) -> list[Piece]:
     """A random share of the pieces (ratio in [0, 1]); at least one piece when ratio > 0."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"share ratio must be within [0, 1], got {ratio}")
     n = min(len(pieces), max(1, round(ratio * len(pieces)))) if ratio > 0 else 0
-    chosen = sorted(random.Random(seed).sample(range(len(pieces)), n))
+    chosen = sorted(random.Random(rng_seed).sample(range(len(pieces)), n))
     return [pieces[i] for i in chosen]

@@ -20,7 +20,7 @@ def _with(seed: LoadedSeed, adapter: dict[str, LoraBranch] | None):
 
 @torch.no_grad()
 def perplexity(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[str, LoraBranch] | None = None,
-               batch_size: int = 8, max_len: int = 128) -> float:
+               *, max_len: int, batch_size: int = 8) -> float:
     """exp of the mean next-token loss over all answer tokens of the records."""
     total, count = 0.0, 0
     examples = encode_all(seed.tokenizer, records, max_len)
@@ -36,7 +36,7 @@ def perplexity(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[st
 
 @torch.no_grad()
 def generate(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[str, LoraBranch] | None = None,
-             max_new_tokens: int = 48, batch_size: int = 8, max_prompt: int = 256) -> list[str]:
+             *, max_new_tokens: int, batch_size: int = 8, max_prompt: int = 256) -> list[str]:
     """Greedy answers to the records' inputs (left-padded batches)."""
     tok, outs = seed.tokenizer, []
     prompts = [prompt_ids(tok, r.input)[-max_prompt:] for r in records]
@@ -68,7 +68,7 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 
 def evaluate(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[str, LoraBranch] | None = None,
-             max_new_tokens: int = 48, with_generation: bool = True, max_len: int = 128) -> dict[str, float]:
+             *, max_new_tokens: int, with_generation: bool, max_len: int) -> dict[str, float]:
     out = {"perplexity": perplexity(seed, records, adapter, max_len=max_len)}
     if with_generation:
         preds = generate(seed, records, adapter, max_new_tokens=max_new_tokens)

@@ -18,7 +18,7 @@ from protocols.records import PersonalRecord
 
 
 def train_gates(seed: LoadedSeed, records: list[PersonalRecord], weights: LoraWeights, settings: LoraSettings,
-                steps: int, lr: float = 5e-3, desc: str = "gates") -> tuple[dict[str, np.ndarray], TrainReport]:
+                steps: int, lr: float, desc: str = "gates") -> tuple[dict[str, np.ndarray], TrainReport]:
     torch.manual_seed(settings.seed + 1)
     dev, scaling = seed.device, settings.alpha / settings.rank
     gates = {pos: torch.zeros(A.shape[1], device=dev, requires_grad=True) for pos, (A, _) in weights.items()}

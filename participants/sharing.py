@@ -39,4 +39,4 @@ def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: Particip
     gates, gate = train_gates(seed, history, weights, training, steps=s.gate_steps, lr=s.gate_lr,
                               desc=f"{who}: gates")
     pieces = cut_into_pieces(seed.descriptor, weights, gates, s.lora_rank, s.lora_alpha, signing_key)
-    return Share(pieces, choose_share(pieces, s.share_ratio, seed=share_seed), lora, gate)
+    return Share(pieces, choose_share(pieces, s.share_ratio, rng_seed=share_seed), lora, gate)

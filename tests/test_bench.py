@@ -36,7 +36,7 @@ def tiny_settings(root, **changes) -> BenchSettings:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    settings = tiny_settings(root, sweep=("topk", "history"))
+    settings = tiny_settings(root, sweep=("top-k", "history"))
     out = root / "out"
     return out, settings, run_bench(settings, out)
 
@@ -47,7 +47,7 @@ def method_rows(report):
 
 def test_every_method_has_a_finite_row_per_target_and_the_report_is_written(bench):
     out, _, report = bench
-    for name in ("report.json", "report.md", "quality_vs_cost.png", "per_user_perplexity.png", "sweep_topk.png",
+    for name in ("report.json", "report.md", "quality_vs_cost.png", "per_user_perplexity.png", "sweep_top-k.png",
                  "sweep_history.png", "settings.json", "sharers.json"):
         assert (out / name).is_file(), name
     rows = method_rows(report)
@@ -79,8 +79,8 @@ def test_sweep_points_at_the_run_settings_reproduce_perpcs(bench):
     _, settings, report = bench
     perpcs = report["means"]["perpcs"]["perplexity"]
     sweeps = report["sweeps"]
-    assert [p["value"] for p in sweeps["topk"]] == sweep_values("topk", settings)
-    assert {p["value"]: p["perplexity"] for p in sweeps["topk"]}[settings.top_k] == pytest.approx(perpcs, rel=1e-6)
+    assert [p["value"] for p in sweeps["top-k"]] == sweep_values("top-k", settings)
+    assert {p["value"]: p["perplexity"] for p in sweeps["top-k"]}[settings.top_k] == pytest.approx(perpcs, rel=1e-6)
     assert sweeps["history"][-1]["value"] == settings.history
     assert sweeps["history"][-1]["perplexity"] == pytest.approx(perpcs, rel=1e-6)
 
@@ -272,4 +272,4 @@ def test_a_catalog_of_another_base_and_sweeps_with_a_catalog_are_refused(with_ca
         run_bench(replace(settings, catalog=str(other)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="without --catalog"):
-        replace(settings, sweep=("rho",))
+        replace(settings, sweep=("share-ratio",))

@@ -46,7 +46,7 @@ def test_pieces_from_two_sharers_assemble_into_a_loadable_adapter(smol, tmp_path
         recs = [PersonalRecord(user, f"Write a tweet about: {t}", style.format(t))
                 for t in ("flu season starts early", "new cancer drug approved", "sleep and memory")]
         weights, _ = train_private_lora(smol, recs, settings)
-        gates, _ = train_gates(smol, recs, weights, settings, steps=1)
+        gates, _ = train_gates(smol, recs, weights, settings, steps=1, lr=5e-3)
         pieces += cut_into_pieces(smol.descriptor, weights, gates, settings.rank, settings.alpha,
                                   Ed25519PrivateKey.generate())
     assert len(pieces) == 2 * 30 * 4

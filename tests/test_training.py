@@ -30,7 +30,7 @@ def test_long_records_keep_part_of_the_answer(tiny_seed):
 def test_private_lora_learns_and_leaves_the_seed_bare(tiny_seed, make_records):
     recs = make_records("u", "ZAP", 12)
     before = {k: v.clone() for k, v in tiny_seed.model.state_dict().items()}
-    ppl_before = perplexity(tiny_seed, recs)
+    ppl_before = perplexity(tiny_seed, recs, max_len=FAST.max_len)
     weights, report = train_private_lora(tiny_seed, recs, FAST)
     assert sorted(weights) == sorted(f"model.layers.{l}.self_attn.{p}_proj" for l in range(2) for p in "qkvo")
     A, B = weights["model.layers.0.self_attn.k_proj"]
@@ -40,7 +40,7 @@ def test_private_lora_learns_and_leaves_the_seed_bare(tiny_seed, make_records):
     after = tiny_seed.model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in tiny_seed.model.parameters())
-    assert perplexity(tiny_seed, recs, branches(weights, FAST.alpha / FAST.rank, tiny_seed.device)) < ppl_before
+    assert perplexity(tiny_seed, recs, branches(weights, FAST.alpha / FAST.rank, tiny_seed.device), max_len=FAST.max_len) < ppl_before
 
 
 def test_training_can_start_from_given_weights(tiny_seed, make_records):
@@ -72,10 +72,10 @@ def test_cutting_signs_every_piece_and_the_share_ratio_is_honoured(tiny_seed):
     pieces = cut_into_pieces(tiny_seed.descriptor, weights, gates, 4, 8.0, Ed25519PrivateKey.generate())
     assert len(pieces) == 4 and all(p.signature_ok() for p in pieces)
     assert all(p.seed_hash == tiny_seed.descriptor.content_hash for p in pieces)
-    assert len(choose_share(pieces, 0.5, seed=1)) == 2 and len(choose_share(pieces, 0.01)) == 1
-    assert choose_share(pieces, 0.0) == [] and choose_share(pieces, 1.0) == pieces
+    assert len(choose_share(pieces, 0.5, rng_seed=1)) == 2 and len(choose_share(pieces, 0.01, rng_seed=0)) == 1
+    assert choose_share(pieces, 0.0, rng_seed=0) == [] and choose_share(pieces, 1.0, rng_seed=0) == pieces
     with pytest.raises(ValueError, match="share ratio"):
-        choose_share(pieces, 1.5)
+        choose_share(pieces, 1.5, rng_seed=0)
 
 
 def test_rouge_scores_known_strings():

@@ -78,7 +78,7 @@ class Bench:
     def shared(self, n_sharers: int, share_ratio: float) -> list[Piece]:
         """The pool the first n sharers would make at this share ratio (the same draw as the real pool)."""
         pieces = [p for i, u in enumerate(self.sharers[:n_sharers])
-                  for p in choose_share(self.sharer_pieces[u], share_ratio, seed=share_seed(self.s, i))]
+                  for p in choose_share(self.sharer_pieces[u], share_ratio, rng_seed=share_seed(self.s, i))]
         return sorted(pieces, key=lambda p: (p.position, p.piece_id))
 
 
@@ -127,7 +127,7 @@ def _retrieval(b: Bench, target: UserData, index: int) -> Outcome:
 
 def _random(b: Bench, target: UserData, index: int) -> Outcome:
     start = time.perf_counter()
-    result = random_assembly(b.pool_pieces, assembly_settings(b.s), seed=b.s.rng_seed + index)
+    result = random_assembly(b.pool_pieces, assembly_settings(b.s), rng_seed=b.s.rng_seed + index)
     seconds = time.perf_counter() - start
     by_id = {p.piece_id: p for p in b.pool_pieces}
     drawn = [by_id[pid] for pid, _ in (c for per_pos in result.choices[0].values() for c in per_pos)]

@@ -16,7 +16,7 @@ from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings, is_styleqa
 
 METHODS = ("seed", "oppu", "retrieval", "random", "perpcs", "perpcs+ft")
-SWEEPS = ("rho", "topk", "sharers", "history")
+SWEEPS = ("share-ratio", "top-k", "sharers", "history")  # named by the setting each changes
 # Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
 # takes about 1.5 s there, a forward pass about 0.5 s, greedy generation about 15 tokens/s batched 8.
 PRESETS: dict[str, dict[str, dict]] = {

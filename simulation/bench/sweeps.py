@@ -17,15 +17,15 @@ def _doublings(limit: int) -> list[int]:
 
 
 def sweep_values(name: str, s: BenchSettings) -> list:
-    return {"rho": [0.25, 0.5, 0.75, 1.0], "topk": sorted(set(_doublings(s.sharers)) | {s.top_k}),
+    return {"share-ratio": [0.25, 0.5, 0.75, 1.0], "top-k": sorted(set(_doublings(s.sharers)) | {s.top_k}),
             "sharers": _doublings(s.sharers), "history": _doublings(s.history)}[name]
 
 
 def sweep_point(b: Bench, name: str, value, targets: list[UserData]) -> dict:
     """Per-Pcs with one setting changed, perplexity only, averaged over the targets."""
-    s = replace(b.s, top_k=value, shortlist=max(b.s.shortlist, value)) if name == "topk" else b.s
+    s = replace(b.s, top_k=value, shortlist=max(b.s.shortlist, value)) if name == "top-k" else b.s
     candidates = b.shared(value if name == "sharers" else len(b.sharers),
-                          value if name == "rho" else b.s.share_ratio)
+                          value if name == "share-ratio" else b.s.share_ratio)
     per_target, tokens, downloaded = {}, [], []
     for t in targets:
         history = t.history[:value] if name == "history" else t.history
