@@ -5,7 +5,7 @@ first, and its next-word distribution is read instead of its one reply: every li
 greedily to a whole word, and the word gets that token's probability. Summed over a seed's probe pairs, the
 words a seed's answers suggest come out ranked, so the vocabulary grows with the styles in the catalog rather
 than being fixed by hand. It is model code, so it lives with the other model code here; the catalog build
-(simulation.seed_building) runs it for the coordinator.
+(catalog_build.explaining) runs it for the coordinator.
 """
 
 from __future__ import annotations

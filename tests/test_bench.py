@@ -18,8 +18,9 @@ from simulation.bench.settings import METHODS, BenchSettings, resolve_settings
 from simulation.bench.sharers import device_pieces
 from simulation.bench.sweeps import sweep_values
 from simulation.bench.users import split_users
-from simulation.datasets import UserData
-from simulation.fidelity import style_label, training_set
+from simulation.user_data import UserData
+from simulation.fidelity import training_set
+from simulation.styleqa import style_label
 
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 

@@ -8,18 +8,19 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import REAL_STYLEQA, needs_real_styleqa
 
 from protocols.records import DataFormatError, PersonalRecord, load_records
 from simulation.datasets import (
     HEALTHTWEETS_PROMPT,
     UserData,
-    find_styleqa,
     load_users,
     shorten_urls,
     tweet_record,
     tweets_by_account,
     write_user_files,
 )
+from simulation.styleqa import find_styleqa
 
 ACCOUNTS = [
     "bbchealth", "cbchealth", "cnnhealth", "everydayhealth", "foxnewshealth", "gdnhealthcare", "goodhealth",
@@ -107,13 +108,13 @@ def test_healthtweets_history_and_test_are_disjoint_and_seeded(tweets):
 
 
 @pytest.fixture(scope="module")
-def styleqa() -> list[UserData]:
-    return load_users("styleqa", history_size=10, test_size=5, styleqa_users_per_style=3, seed=1)
+def styleqa(styleqa_folder) -> list[UserData]:
+    return load_users(str(styleqa_folder), history_size=10, test_size=5, styleqa_users_per_style=3, seed=1)
 
 
 @functools.cache
-def raw_rows(style: int, split: str) -> list[dict]:
-    with (find_styleqa() / f"{style}_{split}.jsonl").open(encoding="utf-8") as fh:
+def raw_rows(folder: Path, style: int, split: str) -> list[dict]:
+    with (folder / f"{style}_{split}.jsonl").open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
 
 
@@ -134,7 +135,7 @@ def test_styleqa_users_of_a_style_get_disjoint_slices(styleqa):
         assert len(set().union(*(ids(u.test) for u in users))) == 15
 
 
-def test_styleqa_styles_share_row_indices_and_records_match_the_files(styleqa):
+def test_styleqa_styles_share_row_indices_and_records_match_the_files(styleqa, styleqa_folder):
     by_name = {u.user: u for u in styleqa}
     rows = [r.id.split("-")[-1] for r in by_name["style1-u0"].history]
     assert [r.id.split("-")[-1] for r in by_name["style5-u0"].history] == rows
@@ -142,17 +143,38 @@ def test_styleqa_styles_share_row_indices_and_records_match_the_files(styleqa):
     assert [r.input for r in by_name["style1-u0"].history] == [r.input for r in by_name["style5-u0"].history]
     for record in by_name["style5-u0"].history + by_name["style5-u0"].test:
         style, split, row = record.id.split("-")
-        raw = raw_rows(int(style), split)[int(row)]
+        raw = raw_rows(styleqa_folder, int(style), split)[int(row)]
         expected = raw["Context"] + (f"\n\n{raw['Input']}" if raw["Input"] else "")
         assert (record.input, record.output) == (expected, raw["Response"])
+    assert any("\n\n" in r.input for r in by_name["style5-u0"].history)  # rows with an Input were seen
 
 
-def test_styleqa_accepts_a_folder_and_refuses_too_many_users():
-    assert load_users(str(find_styleqa()), history_size=2, test_size=1, max_users=3) == load_users(
+def test_styleqa_accepts_a_folder_and_refuses_too_many_users(styleqa_found):
+    assert load_users(str(styleqa_found), history_size=2, test_size=1, max_users=3) == load_users(
         "styleqa", history_size=2, test_size=1, max_users=3
     )
     with pytest.raises(ValueError, match="lower history_size"):
         load_users("styleqa", history_size=400, test_size=1, styleqa_users_per_style=3)
+
+
+@needs_real_styleqa
+def test_the_real_styleqa_has_nine_styles_of_1000_rows_on_shared_questions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no shared/ above: found from the code's own place, next to the checkout
+    assert find_styleqa() == REAL_STYLEQA
+    questions = {}
+    for style in range(9):
+        for split in ("train", "test"):
+            rows = raw_rows(REAL_STYLEQA, style, split)
+            assert len(rows) == 1000 and all(set(row) == {"Context", "Input", "Response"} for row in rows)
+            assert all(row["Response"].strip() for row in rows)
+            questions[style, split] = [(row["Context"], row["Input"]) for row in rows]
+    for style in range(1, 9):  # styles 1-8 answer the same questions; style 0 has train and test swapped
+        assert questions[style, "train"] == questions[1, "train"] == questions[0, "test"]
+        assert questions[style, "test"] == questions[1, "test"] == questions[0, "train"]
+    users = load_users("styleqa", history_size=500, test_size=500, styleqa_users_per_style=2)
+    assert len(users) == 18 and all(len(ids(u.history)) == len(ids(u.test)) == 500 for u in users)
+    with pytest.raises(ValueError, match="lower history_size"):
+        load_users("styleqa", history_size=334, test_size=1, styleqa_users_per_style=3)
 
 
 # --- personal-data JSONL ---------------------------------------------------------------------------

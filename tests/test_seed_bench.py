@@ -4,13 +4,21 @@ import json
 
 import pytest
 
+from catalog_build import ExplainSettings, build_catalog_from_labels
 from participants.lora_training import LoraSettings
 from protocols.seeds import TINY
-from simulation.seed_bench import SeedBenchSettings, bench_users, run_seed_bench
-from simulation.seed_building import ExplainSettings, build_catalog_from_labels, styleqa_groups, styleqa_probes
+from simulation.seeds_bench import SeedBenchSettings, run_seed_bench
+from simulation.seeds_bench.users import bench_users
+from simulation.styleqa import styleqa_groups, styleqa_probes
 
 SETTINGS = SeedBenchSettings(users_per_style=2, search_users_per_style=1, history=4, test=2, ft_steps=3, eval_every=1, styles_for_tuning=2,
                              sharer_steps=2, gate_steps=1, max_len=48, scaling_sizes=(2, 4))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _styleqa(styleqa_found):
+    """The seeds bench reads styleqa by name: every test here runs on the tests' own styleqa folder."""
+    return styleqa_found
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +82,8 @@ def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
 def test_a_rebuilt_catalog_is_chosen_from_again_reusing_what_does_not_depend_on_it(bench, tmp_path, monkeypatch):
     import shutil
 
-    import simulation.seed_bench as seed_bench
+    from protocols.catalog import load_catalog
+    from simulation.seeds_bench import accuracy, pools, state, tuning
 
     root, _ = bench
     shutil.copytree(root, tmp_path / "copy")
@@ -83,26 +92,27 @@ def test_a_rebuilt_catalog_is_chosen_from_again_reusing_what_does_not_depend_on_
     # other words re-explain the same seeds: another catalog for the bench, on the same base
     build_catalog_from_labels(catalog_dir, styleqa_groups(6, styles=(2, 5)), TINY, lora, styleqa_probes(2),
                               ExplainSettings(("expert", "friendly")), max_new_tokens=6)
-    catalog = seed_bench.load_catalog(catalog_dir)
+    catalog = load_catalog(catalog_dir)
     chosen_by, tuned = [], []
-    real_choose, real_tune = seed_bench.choose_from_catalog, seed_bench._tune_curve
-    monkeypatch.setattr(seed_bench, "choose_from_catalog",
-                        lambda base, history, *a: chosen_by.append(history[0].user) or real_choose(base, history, *a))
-    monkeypatch.setattr(seed_bench, "_tune_curve", lambda source, *a: tuned.append(source) or real_tune(source, *a))
+    real_choose, real_tune = accuracy.choose_from_catalog, tuning._tune_curve
+    for part in (accuracy, pools):
+        monkeypatch.setattr(part, "choose_from_catalog", lambda base, history, *a: chosen_by.append(history[0].user)
+                            or real_choose(base, history, *a))
+    monkeypatch.setattr(tuning, "_tune_curve", lambda source, *a: tuned.append(source) or real_tune(source, *a))
     report = run_seed_bench(catalog_dir, out, SETTINGS)
 
     rows = [json.loads(line) for line in (out / "selection.jsonl").read_text().splitlines()]
     first, again = rows[: len(rows) // 2], rows[len(rows) // 2:]
     assert len(again) == report["accuracy"]["users"] == 4  # every user chosen for again, appended
     for before, now in zip(first, again):
-        assert now["user"] == before["user"] and now["catalog"] == seed_bench.catalog_fingerprint(catalog)
+        assert now["user"] == before["user"] and now["catalog"] == state.catalog_fingerprint(catalog)
         assert now["xpert"]["direction"] == before["xpert"]["direction"]  # reused, not generated again
         assert set(now["xpert"]["distances"]) == {e.name for e in catalog.entries}
     # no bench user's own style is computed again; the pool sharers choose again, and train on the new choice
     assert not {u.user for u in bench_users([2, 5], SETTINGS, SETTINGS.users_per_style)} & set(chosen_by)
     assert {u.user for u in bench_users([2, 5], SETTINGS, 1, skip=SETTINGS.users_per_style)} <= set(chosen_by)
     assert catalog.base not in tuned  # the base's fine-tuning curves depend on the base only
-    assert json.loads((out / "pools.json").read_text())["catalog"] == seed_bench.catalog_fingerprint(catalog)
+    assert json.loads((out / "pools.json").read_text())["catalog"] == state.catalog_fingerprint(catalog)
 
 
 def test_bench_users_never_touch_the_rows_seeds_are_built_from():

@@ -9,10 +9,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_STYLEQA, needs_real_styleqa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from catalog_build import (ExplainSettings, build_catalog_from_labels, build_catalog_from_pool, explaining, labeled,
+                           read_as_another_label, retraining)
 from coordinator.explain_seed import explain_seed
 from coordinator.pool import PiecePool
+from coordinator.pool_merging import mean_delta
 from coordinator.validation import RegisteredSeed, seed_shapes
 from participants.adapters import load_peft_adapter
 from participants.evaluation import generate
@@ -24,10 +28,8 @@ from protocols.explanations import Explanation, decompose, difference_direction
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord, save_records
 from protocols.seeds import TINY, materialize, weights_hash
-from simulation import seed_building
 from simulation.cli import main
-from simulation.seed_building import (ExplainSettings, build_catalog_from_labels, build_catalog_from_pool,
-                                      mean_delta, read_as_another_label, styleqa_groups, styleqa_probes)
+from simulation.styleqa import styleqa_groups, styleqa_probes
 
 LORA = LoraSettings(rank=4, alpha=8.0, steps=20, lr=0.02, batch_size=2, max_len=32)
 WORDS = ("concise", "friendly", "expert")
@@ -113,11 +115,11 @@ def no_generation(*args, **kwargs):
 
 
 def test_a_rerun_skips_built_seeds_and_a_stopped_one_is_only_answered(copy, monkeypatch):
-    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    monkeypatch.setattr(labeled, "train_private_lora", no_training)
     stamp = {f: f.stat().st_mtime_ns for f in copy.rglob("*.safetensors")}
     before = load_catalog(copy)
     with monkeypatch.context() as m:
-        m.setattr(seed_building, "generate", no_generation)
+        m.setattr("catalog_build.answers.generate", no_generation)
         again = build(copy)
     assert again.entries == before.entries
     assert {f: f.stat().st_mtime_ns for f in copy.rglob("*.safetensors")} == stamp
@@ -128,8 +130,8 @@ def test_a_rerun_skips_built_seeds_and_a_stopped_one_is_only_answered(copy, monk
 
 
 def test_other_explanation_settings_re_explain_without_training_or_answering(copy, monkeypatch):
-    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
-    monkeypatch.setattr(seed_building, "generate", no_generation)
+    monkeypatch.setattr(labeled, "train_private_lora", no_training)
+    monkeypatch.setattr("catalog_build.answers.generate", no_generation)
     before = load_catalog(copy)
     fewer = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(("friendly", "expert")),
                                       max_new_tokens=8, embed=hashed_embed)
@@ -145,7 +147,7 @@ def test_other_explanation_settings_re_explain_without_training_or_answering(cop
 
 
 def test_corpus_words_are_embedded_from_each_groups_real_answers_against_the_base(copy, monkeypatch):
-    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    monkeypatch.setattr(labeled, "train_private_lora", no_training)
     labels = {"buzz": "buzzy", "abab": "alternating"}
     before = load_catalog(copy)
     catalog = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, corpus=True),
@@ -186,11 +188,11 @@ def test_a_misread_seed_is_trained_again_on_every_projection_and_the_better_read
         tmp_path, monkeypatch, retrained_reads_better):
     labels = {"buzz": "buzzy", "abab": "alternating"}
     corpus = ExplainSettings(WORDS, corpus=True)
-    real_check = seed_building.read_as_another_label
+    real_check = retraining.read_as_another_label
     # whatever the tiny seeds read as, let "abab" be read as buzz's label: the retraining is what is tested
-    monkeypatch.setattr(seed_building, "read_as_another_label",
+    monkeypatch.setattr(retraining, "read_as_another_label",
                         lambda entries, names: real_check(entries, names) | {"abab": ("alternating", "buzzy")})
-    monkeypatch.setattr(seed_building, "reads_more_as_its_label", lambda *args: retrained_reads_better)
+    monkeypatch.setattr(retraining, "reads_more_as_its_label", lambda *args: retrained_reads_better)
     catalog = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
                                         embed=hashed_embed, labels=labels)
     folder = tmp_path / "c" / "seeds" / "abab"
@@ -208,30 +210,30 @@ def test_a_misread_seed_is_trained_again_on_every_projection_and_the_better_read
         (tmp_path / "c" / "retraining").mkdir()
         folder.rename(tmp_path / "c" / "retraining" / "abab")
         (tmp_path / "c" / "retraining" / "abab" / "retrained.json").unlink()
-        real_train = seed_building.train_private_lora
+        real_train = labeled.train_private_lora
 
         def only_the_stronger_recipe(seed, records, settings, *args, **kwargs):
             assert settings != LORA, "the stopped seed's first version was trained again"
             return real_train(seed, records, settings, *args, **kwargs)
 
-        monkeypatch.setattr(seed_building, "train_private_lora", only_the_stronger_recipe)
+        monkeypatch.setattr(labeled, "train_private_lora", only_the_stronger_recipe)
         resumed = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
                                             embed=hashed_embed, labels=labels)
         assert resumed.entry("abab").content_hash == catalog.entry("abab").content_hash
         assert json.loads((folder / "retrained.json").read_text())["kept"] == "first"
     # a rerun trains nothing: the seed was trained again once already
-    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    monkeypatch.setattr(labeled, "train_private_lora", no_training)
     again = build_catalog_from_labels(tmp_path / "c", groups(), TINY, LORA, PROBES, corpus, max_new_tokens=8,
                                       embed=hashed_embed, labels=labels)
     assert again.entry("abab").content_hash == catalog.entry("abab").content_hash
 
 
 def test_short_answer_probes_can_be_left_out_of_the_explanations(copy, monkeypatch):
-    assert seed_building.prose_probes(["a b c", "a", "a b c d", ""], 3) == [0, 2]
-    assert seed_building.prose_probes(["a", ""], 0) == [0, 1]
+    assert explaining.prose_probes(["a b c", "a", "a b c d", ""], 3) == [0, 2]
+    assert explaining.prose_probes(["a", ""], 0) == [0, 1]
     with pytest.raises(ValueError, match="none of the 2 probes"):
-        seed_building.prose_probes(["a", ""], 2)
-    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+        explaining.prose_probes(["a", ""], 2)
+    monkeypatch.setattr(labeled, "train_private_lora", no_training)
     base_words = [len(a.split()) for a in json.loads((copy / "seeds" / "buzz" / "probe_answers.json").read_text())["base"]]
     with pytest.raises(ValueError, match="lower --min-probe-words"):
         build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, min_probe_words=99),
@@ -241,7 +243,7 @@ def test_short_answer_probes_can_be_left_out_of_the_explanations(copy, monkeypat
                                      embed=hashed_embed)
     assert kept.probes == PROBES  # every base answer is long enough: nothing left out
     # a floor that leaves the second probe only: the catalog lists it, and every seed is explained from it alone
-    monkeypatch.setattr(seed_building, "prose_probes", lambda answers, floor: [1])
+    monkeypatch.setattr(explaining, "prose_probes", lambda answers, floor: [1])
     second = build_catalog_from_labels(copy, groups(), TINY, LORA, PROBES, ExplainSettings(WORDS, min_probe_words=1),
                                        max_new_tokens=8, embed=hashed_embed)
     assert second.probes == PROBES[1:]
@@ -251,14 +253,14 @@ def test_short_answer_probes_can_be_left_out_of_the_explanations(copy, monkeypat
 
 
 def test_other_probes_or_answer_length_re_answer_only_what_is_new_without_training(copy, monkeypatch):
-    monkeypatch.setattr(seed_building, "train_private_lora", no_training)
+    monkeypatch.setattr(labeled, "train_private_lora", no_training)
     asked = []
 
     def recording(seed, records, **kwargs):
         asked.append([r.input for r in records])
         return generate(seed, records, **kwargs)
 
-    monkeypatch.setattr(seed_building, "generate", recording)
+    monkeypatch.setattr("catalog_build.answers.generate", recording)
     before = {name: json.loads((copy / "seeds" / name / "probe_answers.json").read_text())
               for name in ("abab", "buzz")}
     more = PROBES + ["Why is the sky blue?"]
@@ -435,15 +437,15 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
 # --- styleqa ---------------------------------------------------------------------------------------
 
 
-def test_styleqa_probes_never_overlap_the_rows_seeds_train_on():
-    try:
-        groups_ = styleqa_groups(5, [1, 3])
-    except FileNotFoundError:
-        pytest.skip("no shared styleqa folder")
+@pytest.mark.parametrize("which", ["own", pytest.param("real", marks=needs_real_styleqa)])
+def test_styleqa_probes_never_overlap_the_rows_seeds_train_on(which, styleqa_folder):
+    folder = styleqa_folder if which == "own" else REAL_STYLEQA  # own: tests/styleqa_fixture.py
+    groups_ = styleqa_groups(5, [1, 3], folder=folder)
     assert list(groups_) == ["style1", "style3"] and all(len(g) == 5 for g in groups_.values())
     assert [r.input for r in groups_["style1"]] == [r.input for r in groups_["style3"]]
     assert groups_["style1"][0].output != groups_["style3"][0].output
-    probes = styleqa_probes(8)
-    trained = {r.input for g in styleqa_groups(1000).values() for r in g}
+    probes = styleqa_probes(8, folder=folder)
+    every_row = len((folder / "1_train.jsonl").read_text(encoding="utf-8").splitlines())
+    trained = {r.input for g in styleqa_groups(every_row, folder=folder).values() for r in g}
     assert len(probes) == 8 and not set(probes) & trained
-    assert styleqa_probes(3, avoid=probes[:2]) == probes[2:5]
+    assert styleqa_probes(3, folder=folder, avoid=probes[:2]) == probes[2:5]

@@ -32,7 +32,7 @@ from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
 from simulation.bench.settings import BenchSettings
 from simulation.bench.sharers import share_seed
-from simulation.datasets import UserData
+from simulation.user_data import UserData
 from simulation.fidelity import FidelityJudge
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray]]

@@ -20,7 +20,7 @@ from protocols.catalog import Catalog, load_catalog
 from protocols.seeds import materialize
 from simulation.bench.methods import BASE
 from simulation.bench.settings import BenchSettings
-from simulation.datasets import UserData
+from simulation.user_data import UserData
 from simulation.jsonfiles import write_json
 
 

@@ -18,7 +18,7 @@ from participants.seed_loading import LoadedSeed
 from participants.sharing import train_and_share
 from protocols.pieces import Piece
 from simulation.bench.settings import BenchSettings
-from simulation.datasets import UserData
+from simulation.user_data import UserData
 from simulation.jsonfiles import write_json
 
 

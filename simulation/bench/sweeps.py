@@ -9,7 +9,7 @@ import numpy as np
 from participants.evaluation import perplexity
 from simulation.bench.methods import Bench, perpcs
 from simulation.bench.settings import BenchSettings
-from simulation.datasets import UserData
+from simulation.user_data import UserData
 
 
 def _doublings(limit: int) -> list[int]:

@@ -6,9 +6,10 @@ import math
 import random
 
 from simulation.bench.settings import BenchSettings
-from simulation.datasets import STYLEQA_STYLES, UserData, load_users
-from simulation.fidelity import style_label
+from simulation.datasets import load_users
 from simulation.settings import is_styleqa
+from simulation.styleqa import STYLEQA_STYLES, style_label
+from simulation.user_data import UserData
 
 
 def split_users(s: BenchSettings) -> tuple[list[UserData], list[UserData]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from protocols.catalog import Catalog
-from simulation.bench_report import save_figure
+from simulation.figures import save_figure
 
 MIN_SHARE = 0.02  # attributes no seed gives even this share of its mix are left off the explanations figure
 
