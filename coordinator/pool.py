@@ -3,16 +3,21 @@
 A blob lives at blobs/<first 2 hex>/<piece_id>.safetensors and is renamed into place before its index
 row is committed, so the index never names a blob that is not whole; a crash in between leaves at
 most an orphan blob, which `verify` reports. Every write is a single autocommitted statement in WAL
-mode, so several processes (and threads) can share one pool directory.
+mode (a withdrawal: one transaction), taken under an fcntl lock on <pool>/.lock so that a blob and its
+row come and go together, so several processes (and threads) can share one pool directory: two
+`flwr run`s that overlap, or a withdrawal during a round.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -20,6 +25,7 @@ import numpy as np
 from safetensors import safe_open
 
 from coordinator.validation import PieceRejected, RegisteredSeed, ValidationPolicy, validate
+from protocols.piece_bounds import PieceBounds, nonfinite_problem, size_problem
 from protocols.pieces import Piece, PieceFormatError, lora_delta_norm
 
 BUSY_TIMEOUT_S = 30.0
@@ -31,6 +37,8 @@ CREATE TABLE IF NOT EXISTS pieces (
     alpha REAL NOT NULL, contributor TEXT NOT NULL, d_in INTEGER NOT NULL, d_out INTEGER NOT NULL,
     dtype TEXT NOT NULL, delta_norm REAL NOT NULL, created REAL NOT NULL, nbytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS pieces_seed_position ON pieces (seed_id, position);
+CREATE TABLE IF NOT EXISTS withdrawals (
+    request_id TEXT PRIMARY KEY, contributor TEXT NOT NULL, applied REAL NOT NULL, pieces TEXT NOT NULL);
 """
 
 
@@ -43,6 +51,8 @@ class PiecePool:
                                    check_same_thread=False)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._setup()
+        self._thread_lock = threading.Lock()
+        self._lock_file = None  # <pool>/.lock, opened on the first write and held until close
 
     def _setup(self) -> None:
         """Switch to WAL and create the schema. Switching the journal mode does not wait on SQLite's
@@ -61,6 +71,21 @@ class PiecePool:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    @contextmanager
+    def _writing(self):
+        """One writer at a time across threads and processes (runs that overlap, a withdrawal): an fcntl lock
+        on <pool>/.lock around each blob-and-row change, so that a blob and its row come and go together."""
+        with self._thread_lock:
+            if self._lock_file is None:
+                self._lock_file = open(self.root / ".lock", "a+b")  # noqa: SIM115
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
 
     def __enter__(self) -> "PiecePool":
         return self
@@ -101,20 +126,28 @@ class PiecePool:
         """Validate and store one piece; returns its id. Raises PieceRejected and stores nothing on failure."""
         validate(piece, self._find_seed(piece.seed_id), policy)
         pid = piece.piece_id
-        if self._db.execute("SELECT 1 FROM pieces WHERE piece_id = ?", (pid,)).fetchone():
-            return pid
         data = piece.to_bytes()
-        self._write_blob(pid, data)
-        self._db.execute(
-            "INSERT OR IGNORE INTO pieces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (pid, piece.seed_id, piece.position, int(piece.rank), float(piece.alpha), piece.contributor,
-             int(piece.A.shape[1]), int(piece.B.shape[0]), str(piece.A.dtype), lora_delta_norm(piece),
-             time.time(), len(data)))
+        with self._writing():
+            if self._db.execute("SELECT 1 FROM pieces WHERE piece_id = ?", (pid,)).fetchone():
+                return pid
+            quota = policy.contributor_quota if policy else None
+            held = self._db.execute("SELECT COUNT(*) FROM pieces WHERE contributor = ?",
+                                    (piece.contributor,)).fetchone()[0]
+            if quota is not None and held >= quota:
+                raise PieceRejected(piece, "quota", f"contributor {piece.contributor} already holds {held} pieces "
+                                                    f"in the pool, its quota")
+            self._write_blob(pid, data)
+            self._db.execute(
+                "INSERT OR IGNORE INTO pieces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (pid, piece.seed_id, piece.position, int(piece.rank), float(piece.alpha), piece.contributor,
+                 int(piece.A.shape[1]), int(piece.B.shape[0]), str(piece.A.dtype), lora_delta_norm(piece),
+                 time.time(), len(data)))
         return pid
 
     def add_many(self, pieces: Iterable[Piece],
                  policy: ValidationPolicy | None = None) -> tuple[list[str], list[PieceRejected]]:
-        """Store every piece that passes; a refused piece never blocks the others."""
+        """Store every piece that passes; a refused piece never blocks the others. A piece the disk or the index
+        could not take (a full disk) is refused under check 'store': what is returned as accepted is stored."""
         accepted: list[str] = []
         rejected: list[PieceRejected] = []
         for piece in pieces:
@@ -122,10 +155,14 @@ class PiecePool:
                 accepted.append(self.add(piece, policy))
             except PieceRejected as err:
                 rejected.append(err)
+            except (OSError, sqlite3.Error) as err:
+                rejected.append(PieceRejected(piece, "store", f"the pool could not store it: {err}"))
         return accepted, rejected
 
-    def gates(self, seed_id: str, rank: int | None = None) -> list[tuple[str, str, int, np.ndarray]]:
-        """(piece_id, position, rank, gate) for every piece of a seed, reading only the gate tensor."""
+    def gates(self, seed_id: str, rank: int | None = None,
+              skipped: list[str] | None = None) -> list[tuple[str, str, int, np.ndarray]]:
+        """(piece_id, position, rank, gate) for every piece of a seed, reading only the gate tensor. With a
+        `skipped` list, a missing or unreadable blob is left out and described there instead of raising."""
         sql = "SELECT piece_id, position, rank FROM pieces WHERE seed_id = ?"
         args: tuple = (seed_id,)
         if rank is not None:
@@ -134,16 +171,35 @@ class PiecePool:
         rows = self._db.execute(sql + " ORDER BY position, piece_id", args).fetchall()
         out = []
         for pid, position, r in rows:
-            with safe_open(self._blob_path(pid), framework="np") as fh:
-                out.append((pid, position, r, fh.get_tensor("gate")))
+            try:
+                with safe_open(self._blob_path(pid), framework="np") as fh:
+                    out.append((pid, position, r, fh.get_tensor("gate")))
+            except Exception as err:  # safetensors raises several types on a missing or corrupt file
+                if skipped is None:
+                    raise
+                skipped.append(f"piece {pid}: gate unreadable, skipped: {err}")
         return out
 
-    def get(self, piece_ids: Iterable[str]) -> list[Piece]:
+    def get(self, piece_ids: Iterable[str], skipped: list[str] | None = None) -> list[Piece]:
+        """The pieces, read from their blobs. With a `skipped` list, a missing or corrupt blob (one that does not
+        decode or whose content is not its id) is left out and described there instead of raising."""
         pieces = []
         for pid in piece_ids:
             if not self._db.execute("SELECT 1 FROM pieces WHERE piece_id = ?", (pid,)).fetchone():
-                raise KeyError(f"piece {pid!r} is not in the pool at {self.root}")
-            pieces.append(Piece.from_bytes(self._blob_path(pid).read_bytes()))
+                if skipped is None:
+                    raise KeyError(f"piece {pid!r} is not in the pool at {self.root}")
+                skipped.append(f"piece {pid}: no longer in the pool (withdrawn since it was served), skipped")
+                continue
+            try:
+                piece = Piece.from_bytes(self._blob_path(pid).read_bytes())
+                if piece.piece_id != pid:
+                    raise PieceFormatError(f"the blob's content hashes to {piece.piece_id[:12]}…")
+            except (OSError, PieceFormatError) as err:
+                if skipped is None:
+                    raise
+                skipped.append(f"piece {pid}: blob unreadable, skipped: {err}")
+                continue
+            pieces.append(piece)
         return pieces
 
     def positions(self, seed_id: str) -> list[str]:
@@ -163,22 +219,70 @@ class PiecePool:
             sql, args = sql + " WHERE seed_id = ?", (seed_id,)
         return dict(self._db.execute(sql + " GROUP BY contributor ORDER BY contributor", args).fetchall())
 
+    def withdraw(self, contributor: str, request_id: str) -> tuple[list[str], bool]:
+        """Remove every piece of `contributor` (index rows in one transaction, then their blobs) for the
+        withdrawal request `request_id`; returns (piece ids removed, whether the request was new). A request
+        applies once: replayed later, it removes nothing, so pieces shared after a withdrawal stay."""
+        with self._writing():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._db.execute("SELECT 1 FROM withdrawals WHERE request_id = ?", (request_id,)).fetchone():
+                    self._db.execute("ROLLBACK")
+                    return [], False
+                ids = [row[0] for row in self._db.execute(
+                    "SELECT piece_id FROM pieces WHERE contributor = ? ORDER BY piece_id", (contributor,))]
+                self._db.execute("DELETE FROM pieces WHERE contributor = ?", (contributor,))
+                self._db.execute("INSERT INTO withdrawals VALUES (?, ?, ?, ?)",
+                                 (request_id, contributor, time.time(), json.dumps(ids)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            for pid in ids:  # after the commit: the index never names a missing blob
+                self._blob_path(pid).unlink(missing_ok=True)
+        return ids, True
+
+    def withdrawals(self) -> list[dict]:
+        rows = self._db.execute("SELECT request_id, contributor, applied, pieces FROM withdrawals ORDER BY applied")
+        return [{"request": r, "contributor": c, "applied": a, "pieces": json.loads(p)} for r, c, a, p in rows]
+
     def bytes_stored(self) -> int:
         return self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM pieces").fetchone()[0]
 
-    def verify(self) -> list[str]:
-        """Re-read every blob and check it against its id, signature and seed; one problem per bad piece,
-        plus one line counting orphan blobs (blobs with no index row). An empty list means all good."""
+    def verify(self, bounds: PieceBounds = PieceBounds()) -> list[str]:
+        """Re-read every blob and check it against its id, its index row (seed, position, rank, contributor), its
+        signature, its seed, finiteness and bounds; one problem per bad piece, plus a line for orphan blobs (no
+        index row) and one for temp files left by a crash. The files are listed under the writers' lock, so a
+        live writer's blob between its rename and its row, or its temp file, is never taken for either.
+        An empty list means all good."""
+        with self._writing():
+            rows = {row[0]: tuple(row[1:]) for row in self._db.execute(
+                "SELECT piece_id, seed_id, position, rank, contributor FROM pieces ORDER BY piece_id")}
+            blobs = list(self.blobs.glob("*/*.safetensors"))
+            temps = self._temp_files()
         seeds = {s.seed_id: s.content_hash for s in self.seeds()}
-        ids = [row[0] for row in self._db.execute("SELECT piece_id FROM pieces ORDER BY piece_id")]
-        problems = [p for p in (self._verify_one(pid, seeds) for pid in ids) if p]
-        known = set(ids)
-        orphans = [f for f in self.blobs.glob("*/*.safetensors") if f.stem not in known]
+        problems = [p for p in (self._verify_one(pid, row, seeds, bounds) for pid, row in rows.items()) if p]
+        orphans = [f for f in blobs if f.stem not in rows]
         if orphans:
             problems.append(f"{len(orphans)} orphan blob(s) with no index row, e.g. {orphans[0]}")
+        if temps:
+            problems.append(f"{len(temps)} temp file(s) left by a crashed writer, e.g. {temps[0]}; "
+                            f"`bouquet pool verify --repair` removes them")
         return problems
 
-    def _verify_one(self, pid: str, seeds: dict[str, str]) -> str | None:
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temp files crashed writers left (under the writers' lock, so none is a live one's)."""
+        with self._writing():
+            temps = self._temp_files()
+            for path in temps:
+                path.unlink(missing_ok=True)
+        return temps
+
+    def _temp_files(self) -> list[Path]:
+        return sorted(self.blobs.glob("*/.*.tmp"))
+
+    def _verify_one(self, pid: str, row: tuple, seeds: dict[str, str], bounds: PieceBounds) -> str | None:
         path = self._blob_path(pid)
         try:
             piece = Piece.from_bytes(path.read_bytes())
@@ -188,10 +292,19 @@ class PiecePool:
             return f"piece {pid}: blob does not decode: {err}"
         if piece.piece_id != pid:
             return f"piece {pid}: blob content hashes to {piece.piece_id}, not its id"
+        blob = (piece.seed_id, piece.position, piece.rank, piece.contributor)
+        names = ("seed", "position", "rank", "contributor")
+        differ = [f"{n} {b!r} (index: {i!r})" for n, b, i in zip(names, blob, row) if b != i]
+        if differ:
+            return f"piece {pid}: the blob disagrees with its index row: " + ", ".join(differ)
         if not piece.signature_ok():
             return f"piece {pid}: signature does not verify"
         if seeds.get(piece.seed_id) != piece.seed_hash:
             return f"piece {pid}: seed {piece.seed_id!r} with hash {piece.seed_hash[:12]}… is not registered"
+        numbers = nonfinite_problem({"A": piece.A, "B": piece.B, "gate": piece.gate}) or size_problem(
+            piece.A, piece.B, piece.alpha, piece.rank, piece.gate, bounds)
+        if numbers:
+            return f"piece {pid}: {numbers}"
         return None
 
     def _blob_path(self, piece_id: str) -> Path:

@@ -12,28 +12,36 @@ Each phase builds its outgoing messages, sends them, and collects the replies, a
 (its seed id and content hash). Every exchange has a timeout; a node that does not answer, or answers with an
 error, is left out of what follows and reported. Nodes are ordered by their signing key id, which a device
 keeps from run to run, so the same devices and `rng-seed` give the same sharers and newcomers.
+
+Every reply is read inside its own guard (`Round.guard`), through coordinator.replies' typed readers: a reply
+that is missing a record, has one of the wrong type, does not decode, or breaks a bound (RunSettings holds them
+all) is refused with the node and the check named, and the round goes on for the others. `metrics.json` is
+written whatever happens, with the error when a phase raised.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator import replies as read
 from coordinator.pool import PiecePool
 from coordinator.seed_fallback import usable_seed
 from coordinator.settings import RunSettings
 from coordinator.sharers import Profile, select_sharers
-from coordinator.validation import RegisteredSeed, seed_shapes
+from coordinator.validation import RegisteredSeed, ValidationPolicy, seed_shapes
 from protocols import messages as M
+from protocols.pieces import PieceFormatError
 from protocols.catalog import Catalog, load_catalog
 from protocols.seeds import materialize
 
@@ -44,13 +52,15 @@ log = logging.getLogger("bouquet")
 class RoundReport:
     sharers: dict[str, dict] = field(default_factory=dict)  # user -> share metrics
     newcomers: list[dict] = field(default_factory=list)  # per newcomer: user + metrics
-    refused: list[str] = field(default_factory=list)  # reasons the pool gave
+    refused: list[str] = field(default_factory=list)  # "<step>: node <id>: check '<check>': <why>", pieces too
     unanswered: list[str] = field(default_factory=list)  # "<step>: node <id>: <why>"
+    skipped: list[str] = field(default_factory=list)  # pool blobs that were missing or corrupt when served
     pool_pieces: int = 0
     selections: dict[str, dict] = field(default_factory=dict)  # user -> chosen seed, distance, reason
     pool_by_seed: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, dict] = field(default_factory=dict)  # node -> the seed it wanted, the one it used
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
+    error: str = ""  # what stopped the round, when something did
 
 
 @dataclass
@@ -64,6 +74,7 @@ class Round:
     nodes: list[int] = field(default_factory=list)
     node_seed: dict[int, str] = field(default_factory=dict)  # node -> seed id it runs on
     preferences: dict[int, list[str]] = field(default_factory=dict)  # node -> seed ids, nearest first
+    node_key: dict[int, str] = field(default_factory=dict)  # node -> the signing key id its profile reported
     seed_refs: dict[str, ConfigRecord] = field(default_factory=dict)  # catalog seed id -> its name and hash
 
     def content(self, node: int, **records) -> RecordDict:
@@ -80,16 +91,34 @@ class Round:
         replies, failed = {}, set()
         for rep in self.grid.send_and_receive(msgs, timeout=timeout):
             nid = rep.metadata.src_node_id
-            if rep.has_error():
+            if nid not in contents or nid in replies or nid in failed:
+                self.refuse(step, nid, "sender", "a reply from a node that was not asked, or a second reply")
+            elif rep.has_error():
                 failed.add(nid)
-                self.report.unanswered.append(f"{step}: node {nid}: error {rep.error.code}: {rep.error.reason}")
-                log.warning("%s: node %s answered with an error: %s", step, nid, rep.error.reason)
+                reason = str(rep.error.reason)[:read.MAX_TEXT]
+                self.report.unanswered.append(f"{step}: node {nid}: error {rep.error.code}: {reason}")
+                log.warning("%s: node %s answered with an error: %s", step, nid, reason)
             else:
                 replies[nid] = rep
         for nid in sorted(set(contents) - set(replies) - failed):
             self.report.unanswered.append(f"{step}: node {nid}: no reply within {timeout:.0f} s")
             log.warning("%s: node %s did not answer within %.0f s", step, nid, timeout)
         return replies
+
+    def refuse(self, step: str, node: int, check: str, reason: str) -> None:
+        self.report.refused.append(f"{step}: node {node}: check {check!r}: {reason}")
+        log.warning("%s: node %s: refused by check %r: %s", step, node, check, reason)
+
+    @contextmanager
+    def guard(self, step: str, node: int):
+        """Handle one node's reply: whatever in it fails, that node is refused and reported, no one else."""
+        try:
+            yield
+        except read.BadReply as err:
+            self.refuse(step, node, err.check, err.reason)
+        except Exception as err:  # a reply that breaks what no check foresaw still stops only itself
+            log.exception("%s: node %s: the reply broke its handling", step, node)
+            self.refuse(step, node, "reply", f"{type(err).__name__}: {str(err)[:read.MAX_TEXT]}")
 
     @contextmanager
     def phase(self, name: str):
@@ -137,26 +166,44 @@ def choose_seeds(r: Round, catalog: Catalog) -> None:
     catalog_record = ConfigRecord({"json": json.dumps(catalog.to_dict())})
     replies = r.send(M.STYLE, {n: r.content(n, **{M.CATALOG: catalog_record}) for n in r.nodes}, "style")
     for nid, rep in replies.items():
-        sel = rep.content[M.SELECTION]
-        name = str(sel["seed"])
-        if name:
-            r.node_seed[nid] = ids[name]
-        r.preferences[nid] = [ids[str(n)] for n in sel.get("ranking", [])]
-        r.report.selections[str(sel["user"])] = {"seed": name or "base", "distance": float(sel["distance"]),
-                                                 "reason": str(sel["reason"])} | dict(rep.content[M.METRICS])
+        with r.guard("style", nid):
+            sel = read.record(rep, M.SELECTION, ConfigRecord)
+            name, user = read.text(sel, "seed", 256), read.text(sel, "user", 256)
+            ranking = read.strings(sel, "ranking", len(ids)) if "ranking" in sel else []
+            unknown = [n for n in [name, *ranking] if n and n not in ids]
+            if unknown:
+                raise read.BadReply("seed", f"seed names the catalog does not list: {unknown[:3]}")
+            if user in r.report.selections:
+                raise read.BadReply("user", f"user {user!r} was already reported by another node")
+            row = {"seed": name or "base", "distance": read.number(sel, "distance", low=0, infinite=True),
+                   "reason": read.text(sel, "reason")} | read.metrics(rep, M.METRICS)
+            if name:
+                r.node_seed[nid] = ids[name]
+            r.preferences[nid] = [ids[n] for n in ranking]
+            r.report.selections[user] = row
 
 
 def choose_participants(r: Round) -> tuple[list[int], list[int]]:
     """Profiles in, sharers and newcomers out; nodes ordered by key id so that a rerun chooses the same."""
     replies = r.send(M.PROFILE, {n: r.content(n) for n in r.nodes}, "profile")
-    profiles = [Profile(nid, int(rep.content[M.PROFILE_RECORD]["count"]),
-                        np.asarray(rep.content[M.PROFILE_RECORD]["embedding"], dtype=np.float32),
-                        str(rep.content[M.PROFILE_RECORD].get("key-id", "")))
-                for nid, rep in replies.items()]
+    profiles = []
+    for nid, rep in replies.items():
+        with r.guard("profile", nid):
+            rec = read.record(rep, M.PROFILE_RECORD, ConfigRecord)
+            profile = Profile(nid, int(read.number(rec, "count", whole=True, low=0, high=2**53)),
+                              read.vector(rec, "embedding", r.settings.profile_dim),
+                              read.text(rec, "key-id", 64, required=False))
+            profiles.append(profile)
+            r.node_key[nid] = profile.key_id
     s = r.settings
-    sharers = select_sharers(profiles, s.sharers, s.sharer_selection, rng_seed=s.rng_seed)
+    if s.phases == "assemble":  # no sharing: the newcomers are nodes the pool holds no pieces of
+        sharers, held = [], set(r.pool.contributors())
+        profiles = [p for p in profiles if p.key_id not in held]
+    else:
+        sharers = select_sharers(profiles, s.sharers, s.sharer_selection, rng_seed=s.rng_seed)
     rest = [p.node_id for p in sorted(profiles, key=lambda p: p.order) if p.node_id not in sharers]
-    newcomers = random.Random(s.rng_seed).sample(rest, min(s.newcomers, len(rest)))
+    wanted = 0 if s.phases == "share" else min(s.newcomers, len(rest))
+    newcomers = random.Random(s.rng_seed).sample(rest, wanted)
     log.info("sharers: %s; newcomers: %s", sharers, newcomers)
     return sharers, newcomers
 
@@ -165,18 +212,45 @@ def collect_shares(r: Round, sharers: list[int]) -> None:
     """Sharers train and share; the pool validates every piece; one bad reply never stops the others."""
     replies = r.send(M.SHARE, {n: r.content(n) for n in sharers}, "share")
     for nid, rep in replies.items():
-        user = str(rep.content[M.INFO]["user"])
-        try:
-            pieces = M.pieces_from_records(rep.content[M.PIECES], rep.content[M.PIECE_META])
-        except ValueError as err:
-            r.report.refused.append(f"{user}: the reply did not decode: {err}")
-            continue
-        accepted, refused = r.pool.add_many(pieces)
-        r.report.refused.extend(f"{user}: {reason}" for reason in refused)
-        r.report.sharers[user] = dict(rep.content[M.METRICS]) | {"accepted": len(accepted), "refused": len(refused)}
+        with r.guard("share", nid):
+            user = read.text(read.record(rep, M.INFO, ConfigRecord), "user", 256)
+            if user in r.report.sharers:
+                raise read.BadReply("user", f"user {user!r} was already reported by another node")
+            pieces = read_pieces(r.settings, rep)
+            metrics = read.metrics(rep, M.METRICS)  # all reading done: nothing below fails after pieces are stored
+            accepted, refused = r.pool.add_many(pieces, share_policy(r, nid))
+            r.report.refused.extend(f"share: node {nid} ({user}): {err}" for err in refused)
+            r.report.sharers[user] = metrics | {"accepted": len(accepted), "refused": len(refused)}
     r.report.pool_by_seed = {seed.seed_id: r.pool.count(seed.seed_id) for seed in r.pool.seeds()}
     r.report.pool_pieces = sum(r.report.pool_by_seed.values())
     log.info("pool holds %s pieces per seed (%d refused)", r.report.pool_by_seed, len(r.report.refused))
+
+
+def read_pieces(s: RunSettings, rep: Message) -> list:
+    """A sharer's pieces, after the reply's size bounds: bytes and pieces are counted before anything decodes."""
+    arrays = read.record(rep, M.PIECES, ArrayRecord)
+    meta = read.record(rep, M.PIECE_META, ConfigRecord)
+    size = arrays.count_bytes()
+    if size > s.max_reply_bytes:
+        raise read.BadReply("bounds", f"the reply carries {size} bytes of arrays, above max-reply-bytes "
+                                      f"{s.max_reply_bytes}")
+    count = len(meta["meta"]) if "meta" in meta and isinstance(meta["meta"], list) else 0
+    if count > s.max_reply_pieces or len(arrays) > 3 * s.max_reply_pieces:
+        raise read.BadReply("bounds", f"the reply carries {count} pieces ({len(arrays)} arrays), above "
+                                      f"max-reply-pieces {s.max_reply_pieces}")
+    try:
+        return M.pieces_from_records(arrays, meta)
+    except PieceFormatError as err:
+        raise read.BadReply("decode", str(err)) from None
+
+
+def share_policy(r: Round, node: int) -> ValidationPolicy:
+    """What the pool holds this node's pieces to: the run's bounds and quota, the seed it was asked to train
+    on, and the signing key its profile reported (when it reported one)."""
+    key = r.node_key.get(node)
+    return ValidationPolicy(bounds=r.settings.piece_bounds(), contributor_quota=r.settings.contributor_quota,
+                            expected_seed=r.node_seed.get(node, r.base_id),
+                            allowed_contributors=frozenset({key}) if key else None)
 
 
 def place_newcomers(r: Round, newcomers: list[int]) -> list[int]:
@@ -199,51 +273,113 @@ def place_newcomers(r: Round, newcomers: list[int]) -> list[int]:
 
 def collect_shortlists(r: Round, newcomers: list[int]) -> dict[int, list[str]]:
     """Phase 1 of assembly: each newcomer scores its seed's gates and names the pieces it wants."""
-    gate_records = {seed: M.gates_to_records(r.pool.gates(seed)) for seed in {r.node_seed[n] for n in newcomers}}
+    served = {seed: serve_gates(r.pool.gates(seed, skipped=r.report.skipped), r.settings.max_gates_served)
+              for seed in {r.node_seed[n] for n in newcomers}}
+    gate_records = {seed: M.gates_to_records(entries) for seed, entries in served.items()}
     replies = r.send(M.GATES, {n: r.content(n, **dict(zip((M.GATE_ARRAYS, M.GATE_META),
                                                             gate_records[r.node_seed[n]])))
                                for n in newcomers}, "gates")
+    shortlists = {}
     for nid, rep in replies.items():
-        r.report.newcomers.append({"node": nid, "seed": r.node_seed[nid]} | dict(rep.content[M.METRICS]))
-    return {nid: list(rep.content[M.SHORTLIST]["ids"]) for nid, rep in replies.items()}
+        with r.guard("gates", nid):
+            positions = {pid: position for pid, position, *_ in served[r.node_seed[nid]]}
+            ids = checked_shortlist(read.record(rep, M.SHORTLIST, ConfigRecord), positions, r.settings.shortlist)
+            row = {"node": nid, "seed": r.node_seed[nid]} | read.metrics(rep, M.METRICS)
+            shortlists[nid] = ids
+            r.report.newcomers.append(row)
+    return shortlists
+
+
+def serve_gates(entries: list, limit: int) -> list:
+    """At most `limit` gates: all of them, or the same number per position (the pool's order: by piece id)."""
+    if len(entries) <= limit:
+        return entries
+    by_position = defaultdict(list)
+    for entry in entries:
+        by_position[entry[1]].append(entry)
+    each = max(1, limit // len(by_position))
+    log.warning("serving %d of %d gates (%d per position, max-gates-served %d)", min(limit, each * len(by_position)),
+                len(entries), each, limit)
+    return [e for group in by_position.values() for e in group[:each]][:limit]
+
+
+def checked_shortlist(rec: ConfigRecord, positions: dict[str, str], per_position: int) -> list[str]:
+    """The shortlisted ids, duplicates removed: each one served to this newcomer, at most `per_position` at a
+    position."""
+    ids = list(dict.fromkeys(read.strings(rec, "ids", max(1, len(positions)) * per_position * 4)))
+    unknown = [pid for pid in ids if pid not in positions]
+    if unknown:
+        raise read.BadReply("shortlist", f"{len(unknown)} ids the pool did not serve for this seed, e.g. "
+                                         f"{unknown[0][:16]!r}")
+    over = sorted(pos for pos, n in Counter(positions[pid] for pid in ids).items() if n > per_position)
+    if over:
+        raise read.BadReply("shortlist", f"more than shortlist = {per_position} ids at {len(over)} positions, e.g. "
+                                         f"{over[0]}")
+    return ids
 
 
 def collect_assemblies(r: Round, shortlists: dict[int, list[str]]) -> None:
     """Phase 2: each newcomer gets only the pieces it asked for, assembles, and reports metrics."""
     contents = {}
     for nid, ids in shortlists.items():
-        arrays, meta = M.pieces_to_records(r.pool.get(ids))
-        contents[nid] = r.content(nid, **{M.PIECES: arrays, M.PIECE_META: meta})
+        with r.guard("assemble", nid):  # a piece withdrawn since the shortlist: this newcomer only
+            arrays, meta = M.pieces_to_records(r.pool.get(ids, skipped=r.report.skipped))
+            contents[nid] = r.content(nid, **{M.PIECES: arrays, M.PIECE_META: meta})
     replies = r.send(M.ASSEMBLE, contents, "assemble")
     rows = {row["node"]: row for row in r.report.newcomers}
-    r.report.newcomers = [{"user": str(replies[nid].content[M.INFO]["user"])} | rows[nid]
-                          | dict(replies[nid].content[M.METRICS]) for nid in shortlists if nid in replies]
+    done = []
+    for nid in shortlists:
+        if nid in replies:
+            with r.guard("assemble", nid):
+                user = read.text(read.record(replies[nid], M.INFO, ConfigRecord), "user", 256)
+                done.append({"user": user} | rows[nid] | read.metrics(replies[nid], M.METRICS))
+    r.report.newcomers = done
+
+
+def run_phases(r: Round) -> None:
+    settings = r.settings
+    with r.phase("connect"):
+        r.nodes = wait_for_nodes(r.grid, settings.min_nodes or settings.sharers + settings.newcomers,
+                                 settings.timeout)
+        log.info("%d nodes connected", len(r.nodes))
+    if settings.catalog:
+        with r.phase("seed-choice"):
+            choose_seeds(r, open_catalog(settings))
+    with r.phase("profiles"):
+        sharers, newcomers = choose_participants(r)
+    with r.phase("share"):
+        collect_shares(r, sharers)
+    with r.phase("gates"):
+        newcomers = place_newcomers(r, newcomers)
+        shortlists = collect_shortlists(r, newcomers) if newcomers else {}
+    with r.phase("assemble"):
+        if shortlists:
+            collect_assemblies(r, shortlists)
 
 
 def run_round(grid: Grid, settings: RunSettings) -> RoundReport:
+    """One round; metrics.json is written whatever happens, with the error when a phase raised (which is then
+    raised again, so that the run fails visibly)."""
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with PiecePool(out / "pool") as pool:
-        r = Round(grid, settings, pool, register_seed(pool, settings.seed_model))
-        with r.phase("connect"):
-            r.nodes = wait_for_nodes(grid, settings.min_nodes or settings.sharers + settings.newcomers,
-                                     settings.timeout)
-            log.info("%d nodes connected", len(r.nodes))
-        if settings.catalog:
-            with r.phase("seed-choice"):
-                choose_seeds(r, open_catalog(settings))
-        with r.phase("profiles"):
-            sharers, newcomers = choose_participants(r)
-        with r.phase("share"):
-            collect_shares(r, sharers)
-        with r.phase("gates"):
-            newcomers = place_newcomers(r, newcomers)
-            shortlists = collect_shortlists(r, newcomers) if newcomers else {}
-        with r.phase("assemble"):
-            if shortlists:
-                collect_assemblies(r, shortlists)
-    (out / "metrics.json").write_text(json.dumps(asdict(r.report), indent=1))
-    return r.report
+    report = RoundReport()
+    try:
+        with PiecePool(out / "pool") as pool:
+            run_phases(Round(grid, settings, pool, register_seed(pool, settings.seed_model), report))
+    except BaseException as err:
+        report.error = f"{type(err).__name__}: {err}"
+        log.error("the round stopped: %s; metrics.json has what is known", report.error)
+        raise
+    finally:
+        write_metrics(out / "metrics.json", report)
+    return report
+
+
+def write_metrics(path: Path, report: RoundReport) -> None:
+    """Atomically (a temp file renamed into place): a reader never sees half a report."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(report), indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:

@@ -2,6 +2,8 @@
 
 Checks run in a fixed order and stop at the first failure, so each later check may rely on the
 earlier ones (the shape check knows the position exists; the norm check knows the values are finite).
+The numeric bounds (A, B and alpha/rank each, not only the update) are protocols.piece_bounds', which the
+newcomer applies again to what it receives.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from protocols.pieces import TENSORS, Piece, lora_delta_norm
+from protocols.identity import weak_key_reason
+from protocols.piece_bounds import PieceBounds, nonfinite_problem, size_problem
+from protocols.pieces import TENSORS, Piece
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALLOWED_DTYPES = (np.dtype("float32"), np.dtype("float16"))
@@ -28,10 +32,14 @@ class RegisteredSeed:
 
 @dataclass
 class ValidationPolicy:
-    max_delta_norm: float = 100.0  # Frobenius norm of (alpha/rank) B A
-    max_gate_norm: float = 1e4
-    max_rank: int = 256
+    bounds: PieceBounds = PieceBounds()
     allowed_contributors: frozenset[str] | None = None  # None: anyone with a valid signature
+    expected_seed: str | None = None  # the seed the coordinator asked the sender to train on (None: any registered)
+    contributor_quota: int | None = None  # pieces one contributor may hold in the pool (None: no limit)
+
+    @property
+    def max_rank(self) -> int:
+        return self.bounds.max_rank
 
 
 def describe(piece: Piece) -> str:
@@ -53,6 +61,9 @@ Check = Callable[[Piece, "RegisteredSeed | None", ValidationPolicy], "str | None
 
 
 def _signature(piece: Piece, seed: RegisteredSeed | None, policy: ValidationPolicy) -> str | None:
+    weak = weak_key_reason(piece.public_key) if piece.public_key else None
+    if weak:
+        return f"refusing the carried Ed25519 key: {weak}"
     if not piece.signature_ok():
         return "the Ed25519 signature does not verify against the carried key and contributor id"
     return None
@@ -68,6 +79,8 @@ def _contributor(piece: Piece, seed: RegisteredSeed | None, policy: ValidationPo
 def _seed(piece: Piece, seed: RegisteredSeed | None, policy: ValidationPolicy) -> str | None:
     if seed is None or seed.seed_id != piece.seed_id:
         return f"seed {piece.seed_id!r} is not registered with the pool"
+    if policy.expected_seed is not None and piece.seed_id != policy.expected_seed:
+        return f"seed {piece.seed_id!r} is not the seed {policy.expected_seed!r} the sender was asked to train on"
     if piece.seed_hash != seed.content_hash:
         return (f"seed hash {piece.seed_hash[:12]}… differs from the registered "
                 f"{seed.content_hash[:12]}… of seed {seed.seed_id!r}")
@@ -108,21 +121,12 @@ def _shape(piece: Piece, seed: RegisteredSeed | None, policy: ValidationPolicy) 
 
 
 def _finite(piece: Piece, seed: RegisteredSeed | None, policy: ValidationPolicy) -> str | None:
-    for name in TENSORS:
-        bad = int(np.size(getattr(piece, name)) - np.count_nonzero(np.isfinite(getattr(piece, name))))
-        if bad:
-            return f"{name} holds {bad} NaN/inf values"
-    return None
+    return nonfinite_problem({name: getattr(piece, name) for name in TENSORS})
 
 
 def _norm(piece: Piece, seed: RegisteredSeed | None, policy: ValidationPolicy) -> str | None:
-    delta = lora_delta_norm(piece)
-    if not delta <= policy.max_delta_norm:
-        return f"the update (alpha/rank) B A has Frobenius norm {delta:.4g}, above {policy.max_delta_norm:g}"
-    gate = float(np.linalg.norm(piece.gate.astype(np.float64)))
-    if not gate <= policy.max_gate_norm:
-        return f"the gate has norm {gate:.4g}, above {policy.max_gate_norm:g}"
-    return None
+    """A, B, alpha/rank, the update and the gate each within protocols.piece_bounds, in float32."""
+    return size_problem(piece.A, piece.B, piece.alpha, piece.rank, piece.gate, policy.bounds)
 
 
 CHECKS: tuple[tuple[str, Check], ...] = (

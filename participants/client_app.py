@@ -3,6 +3,8 @@
 A dispatcher: the work lives in functions a benchmark calls just the same (participants.sharing for the sharer,
 participants.newcomer for the newcomer). Nothing in a reply is personal data: a noised profile vector, the
 pieces this participant chose to share, the ids of the pool pieces it wants, and metrics.
+Every handler first checks the message against the device's limits (participants.limits): a request beyond them
+raises, and Flower answers the coordinator with an error reply that names the limit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ app = ClientApp()
 
 def _settings(msg: Message) -> ParticipantSettings:
     return from_config(ParticipantSettings, msg.content[M.CONFIG] if M.CONFIG in msg.content else {})
+
+
+def _request(msg: Message, context: Context) -> tuple[ParticipantSettings, Device]:
+    """The message's settings and this device, refused as a whole when they ask beyond the device's limits."""
+    s = _settings(msg)
+    device = Device.from_node_config(context.node_config)
+    device.limits().check_settings(s)
+    return s, device
 
 
 def _seed(msg: Message, s: ParticipantSettings, device: Device) -> LoadedSeed:
@@ -64,8 +74,7 @@ def style(msg: Message, context: Context) -> Message:
     from participants.style_direction import choose_from_catalog
     from protocols.catalog import catalog_from_json
 
-    s = _settings(msg)
-    device = Device.from_node_config(context.node_config)
+    s, device = _request(msg, context)
     catalog = catalog_from_json(str(msg.content[M.CATALOG]["json"]))
     start = time.perf_counter()
     selection, own = choose_from_catalog(load_seed(catalog.base), device.history(), catalog,
@@ -84,8 +93,7 @@ def profile(msg: Message, context: Context) -> Message:
     """A noised mean embedding of the history, its size, and the signing key id the coordinator orders nodes by."""
     from participants.profile import noised_profile
 
-    s = _settings(msg)
-    device = Device.from_node_config(context.node_config)
+    s, device = _request(msg, context)
     rng = np.random.default_rng(_stable_seed(s, device))
     count, vec = noised_profile(device.history(), noise_std=s.profile_noise, rng=rng)
     return _reply(msg, **{M.PROFILE_RECORD: ConfigRecord({"count": count, "embedding": [float(v) for v in vec],
@@ -95,8 +103,7 @@ def profile(msg: Message, context: Context) -> Message:
 @app.train("share")
 def share(msg: Message, context: Context) -> Message:
     """Train a private LoRA and its gates, cut into signed pieces, send back a share of them."""
-    s = _settings(msg)
-    device = Device.from_node_config(context.node_config)
+    s, device = _request(msg, context)
     history = device.history()
     user = history[0].user
     result = train_and_share(_seed(msg, s, device), history, s, device.key(), _stable_seed(s, device), who=user)
@@ -110,8 +117,8 @@ def share(msg: Message, context: Context) -> Message:
 @app.query("gates")
 def gates(msg: Message, context: Context) -> Message:
     """Phase 1 of assembly: score the pool's gates on the own history, ask for the best pieces."""
-    s = _settings(msg)
-    device = Device.from_node_config(context.node_config)
+    s, device = _request(msg, context)
+    device.limits().check_download("gate-bytes", int(msg.content[M.GATE_ARRAYS].count_bytes()))
     entries = M.gates_from_records(msg.content[M.GATE_ARRAYS], msg.content[M.GATE_META])
     start = time.perf_counter()
     ids = shortlist_pieces(_seed(msg, s, device), device.history(), entries, s)
@@ -123,8 +130,8 @@ def gates(msg: Message, context: Context) -> Message:
 @app.train("assemble")
 def assemble_adapter(msg: Message, context: Context) -> Message:
     """Phase 2: assemble from the shortlisted pieces, keep the adapter, report held-out metrics."""
-    s = _settings(msg)
-    device = Device.from_node_config(context.node_config)
+    s, device = _request(msg, context)
+    device.limits().check_download("piece-bytes", int(msg.content[M.PIECES].count_bytes()))
     seed = _seed(msg, s, device)
     pieces = M.pieces_from_records(msg.content[M.PIECES], msg.content[M.PIECE_META])
     history, test = device.history(), device.test()

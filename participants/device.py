@@ -7,6 +7,10 @@ simulation every virtual participant gets `$BOUQUET_DEVICES_ROOT/<partition-id>/
     test.jsonl      held-out records for evaluation (optional)
     key.pem         its Ed25519 signing key (created on first use)
     adapter/        its assembled adapter, a PEFT LoRA folder
+    supernode.key   its SuperNode key (EC P-384, OpenSSH), and supernode.pub, the key the operator registers
+    limits.json     what a coordinator may ask of it (participants.limits; defaults when absent)
+    flwr-home/      the SuperNode's own FLWR_HOME
+`bouquet device init` (participants.device_setup) creates a real device's folder, 0700, its keys 0600.
 A device that may run on a catalog seed also knows a local copy of the catalog (`--node-config
 "catalog-dir='/path'"`, or $BOUQUET_CATALOG_DIR in a simulation): the coordinator names a seed by its catalog
 name and content hash, and the device loads it from there and checks the hash.
@@ -18,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from participants.limits import LIMITS_FILE, UNBOUNDED, DeviceLimits
 from protocols.catalog import SEEDS_DIR
 from protocols.identity import load_or_create_key
 from protocols.records import PersonalRecord, load_records
@@ -30,6 +35,7 @@ CATALOG_DIR_ENV = "BOUQUET_CATALOG_DIR"
 class Device:
     root: Path
     catalog_dir: Path | None = None
+    simulated: bool = False  # a virtual participant of a simulation: the harness is its owner, no limits
 
     @classmethod
     def from_node_config(cls, node_config: dict) -> "Device":
@@ -39,7 +45,7 @@ class Device:
             return cls(Path(str(node_config["device-dir"])), catalog_dir)
         root = os.environ.get(DEVICES_ROOT_ENV)
         if root is not None and "partition-id" in node_config:
-            return cls(Path(root) / str(node_config["partition-id"]), catalog_dir)
+            return cls(Path(root) / str(node_config["partition-id"]), catalog_dir, simulated=True)
         raise RuntimeError("this node has no device folder: start the SuperNode with "
                            "--node-config \"device-dir='/path/to/device'\" (a folder holding history.jsonl)")
 
@@ -51,7 +57,28 @@ class Device:
         return load_records(path) if path.exists() else []
 
     def key(self):
-        return load_or_create_key(self.root / "key.pem")
+        return load_or_create_key(self.signing_key_path)
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.root / "key.pem"
+
+    @property
+    def supernode_key_path(self) -> Path:
+        return self.root / "supernode.key"
+
+    @property
+    def supernode_pub_path(self) -> Path:
+        return self.root / "supernode.pub"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    def limits(self) -> DeviceLimits:
+        """The device's limits.json; without one, the safe defaults (a simulated device: none)."""
+        path = self.root / LIMITS_FILE
+        return UNBOUNDED if self.simulated and not path.exists() else DeviceLimits.load(path)
 
     @property
     def adapter_dir(self) -> Path:

@@ -3,6 +3,8 @@
 The federated flow spans two messages (the gates arrive in one, the shortlisted pieces in the next), so the
 ClientApp calls `shortlist_pieces` and `assemble_pieces` in turn; `assemble_from_pool` runs both around a
 `fetch` for the benchmarks. The same two functions either way, so the benchmark measures what a device runs.
+A device trusts no pool: it checks every piece it receives (signature under a strong key, its seed, dtype, shapes,
+finite values, the bounds of protocols.piece_bounds) before mixing, and the mixed adapter before saving it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from participants.adapters import save_peft_adapter
 from participants.assembly import Assembly, assemble, shortlist
 from participants.seed_loading import LoadedSeed
 from participants.settings import assembly_settings
-from protocols.pieces import Piece
+from protocols.piece_bounds import PieceBounds, mixed_problem, nonfinite_problem, size_problem
+from protocols.pieces import TENSORS, WIRE_DTYPES, Piece
 from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
 
@@ -31,18 +34,46 @@ def shortlist_pieces(seed: LoadedSeed, history: list[PersonalRecord], gates: Seq
     return shortlist(seed, history, list(gates), assembly_settings(s)) if gates else []
 
 
-def refused_pieces(pieces: Sequence[Piece], seed: LoadedSeed) -> list[str]:
-    """Positions of received pieces whose signature or seed hash does not check out."""
-    return [p.position for p in pieces if not p.signature_ok() or p.seed_hash != seed.descriptor.content_hash]
+def piece_problem(p: Piece, seed: LoadedSeed, bounds: PieceBounds) -> str | None:
+    """Why a received piece must not be mixed, or None."""
+    if not p.signature_ok():
+        return "its signature does not verify under a strong Ed25519 key"
+    if p.seed_hash != seed.descriptor.content_hash:
+        return f"it was trained on seed weights {p.seed_hash[:12]}…, not this seed's"
+    tensors = {name: getattr(p, name) for name in TENSORS}
+    if any(not isinstance(t, np.ndarray) or t.dtype not in WIRE_DTYPES for t in tensors.values()):
+        return "its tensors are not float32/float16 arrays"
+    try:
+        module = seed.model.get_submodule(p.position)
+        d_in, d_out = module.in_features, module.out_features
+    except AttributeError:
+        return f"{p.position!r} is not a linear layer of this seed"
+    expected = {"A": (p.rank, d_in), "B": (d_out, p.rank), "gate": (d_in,)}
+    if not 1 <= p.rank <= bounds.max_rank or any(tensors[n].shape != shape for n, shape in expected.items()):
+        return f"its shapes do not fit rank {p.rank} at this position (A {p.A.shape}, B {p.B.shape}, gate " \
+               f"{p.gate.shape}; expected {expected})"
+    return nonfinite_problem(tensors) or size_problem(p.A, p.B, p.alpha, p.rank, p.gate, bounds)
+
+
+def refused_pieces(pieces: Sequence[Piece], seed: LoadedSeed, bounds: PieceBounds = PieceBounds()) -> list[str]:
+    """'position (id …): why' for each received piece that fails a check."""
+    found = ((p, piece_problem(p, seed, bounds)) for p in pieces)
+    return [f"{p.position} (id {p.piece_id[:12]}…): {why}" for p, why in found if why]
 
 
 def assemble_pieces(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece], s: ParticipantSettings,
-                    adapter_dir: str | Path | None = None, extra: dict | None = None) -> Assembly:
-    """Phase 2: check what arrived, assemble, and keep the adapter as a PEFT folder when `adapter_dir` is given."""
-    bad = refused_pieces(pieces, seed)
+                    adapter_dir: str | Path | None = None, extra: dict | None = None,
+                    bounds: PieceBounds = PieceBounds()) -> Assembly:
+    """Phase 2: check what arrived, assemble, check the mix, and keep the adapter as a PEFT folder when
+    `adapter_dir` is given. The bounds are the device's own, never the coordinator's."""
+    bad = refused_pieces(pieces, seed, bounds)
     if bad:
-        raise ValueError(f"refusing {len(bad)} pieces whose signature or seed hash does not check out: {bad[:3]}")
+        raise ValueError(f"refusing the {len(pieces)} pieces received: {len(bad)} fail the device's checks, e.g. "
+                         f"{'; '.join(bad[:3])}")
     result = assemble(seed, history, pieces, assembly_settings(s))
+    wrong = mixed_problem(result.weights, bounds)
+    if wrong:
+        raise ValueError(f"the assembled adapter is out of bounds and is not saved: {wrong}")
     if adapter_dir is not None:
         save_peft_adapter(adapter_dir, result.weights, result.rank, result.alpha, seed.descriptor.seed_id,
                           extra={"seed_model": seed.descriptor.seed_id, "seed_hash": seed.descriptor.content_hash,

@@ -7,103 +7,93 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 from protocols.seeds import DEFAULT_SEED, EMBEDDED_PREFIX, TINY
-from simulation.bench_settings import PRESETS, SWEEPS, BenchSettings
+from protocols.settings import describe_range, key
+
+
+def add_settings_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                       defaults: dict | None = None, preset: bool = False) -> None:
+    """One flag per field of a settings class (protocols.settings): `--lora-rank` for `lora_rank`, with the
+    field's help, range and default. With `preset`, flags default to None so that a preset can fill them."""
+    defaults = defaults or {}
+    for f in fields(cls):
+        if "help" not in f.metadata or f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default)
+        shown = "none" if default in ("", None, ()) else default
+        extra = ", ".join(x for x in (describe_range(f), f"default {shown}" + (", or the preset's" if preset else ""))
+                          if x)
+        kw = {"dest": f.name, "help": f"{f.metadata['help']} ({extra})".replace("%", "%%"),
+              "default": None if preset else default}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, tuple):
+            kw["type"] = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+        else:
+            kw["type"] = type(f.default) if f.default is not None else (int if str(f.type).startswith("int") else str)
+        p.add_argument("--" + key(f.name), **kw)
+
+
+def settings_from(args, cls: type, **values):
+    """The settings class filled from the parsed flags of its fields, plus `values`."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)} | values)
+
+
+def _local_model(model: str) -> None:
+    if model.startswith(EMBEDDED_PREFIX) or model == TINY or Path(model).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
 
 
 def _add_simulate(sub) -> None:
-    p = sub.add_parser("simulate", help="run sharers and newcomers as a Flower simulation on real per-user data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="healthtweets",
-                   help="'healthtweets', 'styleqa' (or a styleqa folder), or a personal-data JSONL file")
-    p.add_argument("--out", default="runs/simulate", help="run directory (pool, adapters, metrics.json)")
-    p.add_argument("--seed-model", default=DEFAULT_SEED,
-                   help=f"seed: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id")
-    p.add_argument("--catalog", default="", help="a seed catalog folder (`bouquet seeds build`): every participant "
-                   "first picks its seed from the explanations, and pieces are pooled per seed")
-    p.add_argument("--max-seed-distance", type=float, default=0.0,
-                   help="with --catalog: keep the base when the nearest seed's mix of attributes is farther "
-                        "(L1 between shares, 0..2); 0 = always the nearest")
-    p.add_argument("--users", type=int, default=None, help="virtual participants (default: all users of the data)")
-    p.add_argument("--sharers", type=int, default=4)
-    p.add_argument("--newcomers", type=int, default=2)
-    p.add_argument("--selection", default="diverse", choices=["random", "most-active", "diverse"])
-    p.add_argument("--history", type=int, default=16, help="history items per participant")
-    p.add_argument("--test", type=int, default=16, help="held-out items per participant")
-    p.add_argument("--steps", type=int, default=30, help="private LoRA steps per sharer")
-    p.add_argument("--gate-steps", type=int, default=30)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=96, help="tokens per training sequence")
-    p.add_argument("--rho", type=float, default=1.0, help="share ratio: fraction of its pieces a sharer shares")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--shortlist", type=int, default=6, help="pieces per position a newcomer downloads")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--no-generate", action="store_true", help="skip greedy generation (no ROUGE)")
-    p.add_argument("--random-seed", type=int, default=0)
-    p.add_argument("--cpus-per-client", type=float, default=1.0)
-    p.add_argument("--gpus-per-client", type=float, default=0.0)
-    p.add_argument("--ray-address", default=None, help="join a running Ray cluster instead of starting one")
+    from simulation.settings import SimulateSettings
+
+    p = sub.add_parser("simulate", help="run sharers and newcomers as a Flower simulation on real per-user data")
+    add_settings_flags(p, SimulateSettings, skip=("min_nodes",), defaults={"out_dir": "runs/simulate"})
     p.add_argument("--prepare-only", action="store_true",
-                   help="only write the virtual devices under OUT/devices (e.g. for `flwr run`), then stop")
+                   help="only write the virtual devices under OUT-DIR/devices (e.g. for `flwr run`), then stop")
     p.set_defaults(func=cmd_simulate)
 
 
 def cmd_simulate(args) -> int:
-    from coordinator.config import RunSettings
     from simulation.datasets import load_users
     from simulation.federation import run_federation
+    from simulation.settings import SimulateSettings
     from simulation.summary import print_summary
 
-    if args.seed_model.startswith(EMBEDDED_PREFIX) or args.seed_model == TINY or Path(args.seed_model).is_dir():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
-    wanted = args.sharers + args.newcomers
-    users = load_users(args.data, history_size=args.history, test_size=args.test, max_users=args.users,
-                       seed=args.random_seed)
+    s = settings_from(args, SimulateSettings)
+    _local_model(s.seed_model)
+    wanted = s.sharers + s.newcomers
+    users = load_users(s.data, history_size=s.history, test_size=s.test, max_users=s.users, seed=s.rng_seed)
     if len(users) < wanted:
-        print(f"error: {args.data} gives {len(users)} users with {args.history}+{args.test} items, but "
-              f"{args.sharers} sharers + {args.newcomers} newcomers need {wanted}; lower --sharers/--newcomers "
+        print(f"error: {s.data} gives {len(users)} users with {s.history}+{s.test} items, but "
+              f"{s.sharers} sharers + {s.newcomers} newcomers need {wanted}; lower --sharers/--newcomers "
               f"or --history/--test", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(s.out_dir)
     if (out / "metrics.json").exists() or (out / "pool").exists():
-        print(f"error: {out} already holds a run; choose another --out or remove it", file=sys.stderr)
+        print(f"error: {out} already holds a run; choose another --out-dir or remove it", file=sys.stderr)
         return 2
     if args.prepare_only:
         from simulation.federation import prepare_devices
 
-        prepare_devices(users, out)
+        prepare_devices(users, out, s.rng_seed)
         print(f"{len(users)} devices written to {out / 'devices'}")
         return 0
-    if args.catalog:
+    if s.catalog:
         from protocols.catalog import load_catalog
 
-        try:
-            catalog = load_catalog(args.catalog)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if args.seed_model != catalog.base:
-            print(f"error: the catalog at {args.catalog} is built on {catalog.base!r}; run with --seed-model "
+        catalog = load_catalog(s.catalog)
+        if s.seed_model != catalog.base:
+            print(f"error: the catalog at {s.catalog} is built on {catalog.base!r}; run with --seed-model "
                   f"{catalog.base}", file=sys.stderr)
             return 2
-    settings = RunSettings(seed=args.seed_model, catalog=str(Path(args.catalog).resolve()) if args.catalog else "",
-                           max_seed_distance=args.max_seed_distance, out_dir=str(out), num_sharers=args.sharers,
-                           num_newcomers=args.newcomers, sharer_selection=args.selection, lora_rank=args.rank,
-                           lora_alpha=args.alpha, lora_steps=args.steps, lora_lr=args.lr,
-                           gate_steps=args.gate_steps, batch_size=args.batch_size, max_len=args.max_len,
-                           share_ratio=args.rho, top_k=args.top_k, temperature=args.temperature,
-                           shortlist=max(args.shortlist, args.top_k), max_new_tokens=args.max_new_tokens,
-                           generate=not args.no_generate, seed_number=args.random_seed, timeout=3600.0,
-                           min_nodes=len(users))
+        s = replace(s, catalog=str(Path(s.catalog).resolve()))
+    s = replace(s, min_nodes=len(users))
     start = time.perf_counter()
-    metrics = run_federation(users, settings, cpus_per_client=args.cpus_per_client,
-                             gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
+    metrics = run_federation(users, s)
     metrics["wall_seconds"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_summary(metrics, out)
@@ -111,60 +101,27 @@ def cmd_simulate(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    d = BenchSettings()
+    from simulation.bench.settings import PRESETS, BenchSettings
+
     p = sub.add_parser("bench", help="compare Per-Pcs with its baselines (seed, OPPU, retrieval, random pieces, "
                                      "Per-Pcs + fine-tune) on held-out data, in one process")
     p.add_argument("--out", default="runs/bench", help="run directory; rerun with the same settings to resume "
                                                          "(default %(default)s)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults sized for 2 CPU cores and SmolLM2 (under 30 min); explicit flags override them")
-
-    def opt(flag: str, type_, text: str, default=None) -> None:
-        shown = getattr(d, flag[2:].replace("-", "_")) if default is None else default
-        p.add_argument(flag, type=type_, default=None, help=f"{text} (default {shown}, or the preset's)")
-
-    opt("--data", str, "'healthtweets', 'styleqa' (or a styleqa folder), or a personal-data JSONL file")
-    opt("--seed-model", str, f"seed: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id")
-    opt("--sharers", int, "users who train, cut and share pieces")
-    opt("--targets", int, "users who get every method and are evaluated (disjoint from the sharers)")
-    opt("--history", int, "history items per user")
-    opt("--test", int, "held-out items per user")
-    opt("--steps", int, "private LoRA steps (sharers and oppu)")
-    opt("--gate-steps", int, "gate training steps per sharer")
-    opt("--ft-steps", int, "fine-tune steps of perpcs+ft", default="steps // 4")
-    opt("--rank", int, "LoRA rank")
-    opt("--alpha", float, "LoRA alpha")
-    opt("--lr", float, "LoRA learning rate")
-    opt("--gate-lr", float, "gate learning rate")
-    opt("--batch-size", int, "training batch size")
-    opt("--max-len", int, "tokens per sequence")
-    opt("--rho", float, "share ratio: fraction of its pieces a sharer shares")
-    opt("--top-k", int, "pieces mixed per position")
-    opt("--temperature", float, "softmax temperature of the mix")
-    opt("--shortlist", int, "pieces per position a target downloads after scoring gates")
-    opt("--max-new-tokens", int, "greedy generation length")
-    opt("--random-seed", int, "seed of the user split, the shares and the training")
-    opt("--catalog", str, "a seed catalog folder (`bouquet seeds build`, built on --seed-model): every sharer and "
-        "target first picks its seed on its own history, and each target's methods run on its seed", default="none")
-    p.add_argument("--sweep", default=None, help=f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity "
-                                                 f"as each changes (default none)")
+    add_settings_flags(p, BenchSettings, skip=("generate", "profile_noise", "max_seed_distance",
+                                               "assembly_batch_size"), preset=True)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    from dataclasses import fields
+    from simulation.bench.report import markdown_table
+    from simulation.bench.run import run_bench
+    from simulation.bench.settings import BenchSettings, resolve_settings
 
-    from simulation.bench import run_bench
-    from simulation.bench_report import markdown_table
-    from simulation.bench_settings import resolve_settings
-
-    flags = {f.name: getattr(args, f.name) for f in fields(BenchSettings) if f.name != "sweep"}
-    if args.sweep is not None:
-        flags["sweep"] = tuple(name.strip() for name in args.sweep.split(",") if name.strip())
-    settings = resolve_settings(args.preset, **flags)
-    model = settings.seed_model
-    if model.startswith(EMBEDDED_PREFIX) or model == TINY or Path(model).is_dir():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
+    settings = resolve_settings(args.preset, **{f.name: getattr(args, f.name) for f in fields(BenchSettings)
+                                                if hasattr(args, f.name)})
+    _local_model(settings.seed_model)
     report = run_bench(settings, args.out)
     print(markdown_table(report))
     for t in report["targets"]:
@@ -177,12 +134,18 @@ def cmd_bench(args) -> int:
 def _add_pool(sub) -> None:
     p = sub.add_parser("pool", help="inspect a piece pool")
     psub = p.add_subparsers(dest="pool_command", required=True)
-    v = psub.add_parser("verify", help="check every stored piece: digest, signature, seed")
+    v = psub.add_parser("verify", help="check every stored piece against its index row: digest, signature, seed, "
+                                       "position, rank, contributor, finiteness and bounds")
     v.add_argument("dir", help="a run directory or a pool directory")
+    v.add_argument("--repair", action="store_true", help="remove the temp files crashed writers left behind")
     v.set_defaults(func=cmd_pool_verify)
 
 
 def cmd_pool_verify(args) -> int:
+    """Exit 0: all good; 1: problems listed; 2: no pool there, or one that cannot be opened (one line, no
+    traceback)."""
+    import sqlite3
+
     from coordinator.pool import PiecePool
 
     root = Path(args.dir)
@@ -192,16 +155,34 @@ def cmd_pool_verify(args) -> int:
         print(f"error: {args.dir} is neither a pool nor a run directory holding one (no index.sqlite)",
               file=sys.stderr)
         return 2
-    with PiecePool(root) as pool:
-        problems = pool.verify()
-        n = pool.count()
-        for line in problems:
-            print(line)
-        seeds = ", ".join(s.seed_id for s in pool.seeds())
-        if problems:
-            print(f"{len(problems)} problem(s) among {n} pieces ({seeds})")
-            return 1
-        print(f"ok: {n} pieces from {len(pool.contributors())} contributors verified ({seeds})")
+    try:
+        with PiecePool(root) as pool:
+            if getattr(args, "repair", False):
+                for path in pool.remove_leftovers():
+                    print(f"removed {path}")
+            problems = pool.verify()
+            n = pool.count()
+            seeds = ", ".join(s.seed_id for s in pool.seeds())
+            contributors = len(pool.contributors())
+    except sqlite3.OperationalError as err:  # a read-only folder, a locked or unreachable file
+        print(f"error: cannot open the pool at {root}: {err}; verify needs write access to the folder (its lock "
+              f"and SQLite's journal)", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as err:
+        print(f"error: {root / 'index.sqlite'} cannot be read as a pool index ({err}); restore it from a backup, "
+              f"or move the folder aside and share again", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot open the pool at {root}: {err.strerror or err}"
+              f"{' (' + str(err.filename) + ')' if err.filename else ''}; verify needs write access to the folder "
+              f"(its lock and SQLite's journal)", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{len(problems)} problem(s) among {n} pieces ({seeds})")
+        return 1
+    print(f"ok: {n} pieces from {contributors} contributors verified ({seeds})")
     return 0
 
 
@@ -283,32 +264,32 @@ def _add_seeds(sub) -> None:
 
 
 def cmd_seeds_bench(args) -> int:
-    from simulation.seed_bench import SeedBenchSettings, run_seed_bench
+    from simulation.seeds_bench import PARTS, SeedBenchSettings, run_seed_bench
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = SeedBenchSettings(users_per_style=args.users_per_style,
                                  search_users_per_style=args.search_users_per_style, history=args.history, test=args.test,
                                  ft_steps=args.ft_steps, styles_for_tuning=args.styles_for_tuning)
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    unknown = sorted(set(parts) - {"accuracy", "scaling", "tuning", "pools"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ValueError(f"unknown --parts {', '.join(unknown)}: choose among accuracy, scaling, tuning, pools")
+        raise ValueError(f"unknown --parts {', '.join(unknown)}: choose among {', '.join(PARTS)}")
     run_seed_bench(args.catalog, args.out, settings, parts)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
 
 def cmd_seeds_build(args) -> int:
+    import catalog_build as cb
     from participants.lora_training import LoraSettings
     from protocols.explanations import STYLE_WORDS
-    from simulation import seed_building as sb
 
     model = args.seed_model or DEFAULT_SEED  # with --from-pool and no model: the pool's seed, local as a rule
     if model.startswith(EMBEDDED_PREFIX) or model == TINY or Path(model).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
     if not 1 <= args.words <= len(STYLE_WORDS):
         raise ValueError(f"--words must be between 1 and {len(STYLE_WORDS)}, got {args.words}")
-    explain = sb.ExplainSettings(words=STYLE_WORDS[: args.words], basis=args.basis, propose_words=args.propose_words,
+    explain = cb.ExplainSettings(words=STYLE_WORDS[: args.words], basis=args.basis, propose_words=args.propose_words,
                                  basis_probes=args.basis_probes, scaled=not args.unscaled,
                                  min_probe_words=args.min_probe_words,
                                  corpus=args.corpus_words)
@@ -318,7 +299,7 @@ def cmd_seeds_build(args) -> int:
         if args.clusters is None:
             raise ValueError("--from-pool needs --clusters K, the number of seeds to make")
         probes = _probe_prompts(args, avoid=set())
-        catalog = sb.build_catalog_from_pool(args.out, args.from_pool, args.seed_model, args.clusters,
+        catalog = cb.build_catalog_from_pool(args.out, args.from_pool, args.seed_model, args.clusters,
                                              probes=probes, random_seed=args.random_seed, **common)
     else:
         if args.clusters is not None:
@@ -327,7 +308,7 @@ def cmd_seeds_build(args) -> int:
         probes = _probe_prompts(args, avoid={r.input for records in groups.values() for r in records})
         lora = LoraSettings(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, max_len=args.max_len, seed=args.random_seed)
-        catalog = sb.build_catalog_from_labels(args.out, groups, args.seed_model or DEFAULT_SEED, lora, probes,
+        catalog = cb.build_catalog_from_labels(args.out, groups, args.seed_model or DEFAULT_SEED, lora, probes,
                                                built_from=built_from, labels=labels,
                                                retrain_misread=not args.no_retrain_misread, **common)
     print("\n".join(format_catalog(catalog)))
@@ -345,23 +326,14 @@ def _labeled_groups(args) -> tuple[dict, dict[str, str], dict[str, str]]:
     import re
 
     from protocols.records import group_by_user, load_records
-    from simulation.seed_building import STYLEQA_LABELS, styleqa_groups
+    from simulation.styleqa import labeled_seeds, parse_styles
 
     if args.rows < 1:
         raise ValueError(f"--rows must be at least 1, got {args.rows}")
     if args.data != "styleqa" and not Path(args.data).exists():
         raise ValueError(f"--data {args.data!r} is neither 'styleqa', a styleqa folder nor a JSONL file")
     if not _is_jsonl(args.data):
-        folder = None if args.data == "styleqa" else Path(args.data)
-        try:
-            styles = [int(s) for s in args.styles.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(f"--styles takes comma-separated style numbers 1..8, got {args.styles!r}") from None
-        if not styles or any(not 1 <= s <= 8 for s in styles):
-            raise ValueError(f"--styles takes style numbers 1..8 (0 is the unstylized reference), got {args.styles!r}")
-        groups = styleqa_groups(args.rows, styles, folder)
-        return groups, {f"style{s}": f"styleqa style {s}, {args.rows} rows" for s in styles}, \
-            {f"style{s}": STYLEQA_LABELS[s] for s in styles}
+        return labeled_seeds(args.rows, parse_styles(args.styles), None if args.data == "styleqa" else Path(args.data))
     groups, built_from = {}, {}
     for user, records in group_by_user(load_records(args.data)).items():
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", user).strip("-.") or "user"
@@ -376,7 +348,7 @@ def _labeled_groups(args) -> tuple[dict, dict[str, str], dict[str, str]]:
 def _probe_prompts(args, avoid: set[str]) -> list[str]:
     """styleqa: unused test questions; a JSONL file: its inputs that no seed trains on, in file order."""
     from protocols.records import load_records
-    from simulation.seed_building import styleqa_probes
+    from simulation.styleqa import styleqa_probes
 
     if args.probes < 1:
         raise ValueError(f"--probes must be at least 1, got {args.probes}")
@@ -442,7 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     _add_pool(sub)
     _add_seeds(sub)
     _add_catalog(sub)
-    args = parser.parse_args(argv)
+    from simulation.cli_deploy import add_coordinator, add_device
+    add_coordinator(sub), add_device(sub)
+    t = sub.add_parser("throughput", add_help=False,
+                       help="bouquet's training and assembly loops against bare loops, in tokens/s "
+                            "(`bouquet throughput --help`)")
+    t.set_defaults(func=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "throughput":
+        from simulation.throughput import main as throughput
+
+        return throughput(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

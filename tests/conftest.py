@@ -3,8 +3,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may come from a hub
 
 import pytest
+from styleqa_fixture import real_styleqa, write_styleqa
 
 from protocols.records import PersonalRecord
+
+REAL_STYLEQA = real_styleqa()
+needs_real_styleqa = pytest.mark.skipif(
+    REAL_STYLEQA is None, reason="checks the real styleqa data, shared/data/styleqa next to the checkout, which a "
+                                 "clone of bouquet alone does not have")
 
 
 @pytest.fixture(scope="session")
@@ -12,6 +18,21 @@ def tiny_seed():
     from participants.seed_loading import load_seed
 
     return load_seed("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def styleqa_folder(tmp_path_factory):
+    """A small styleqa-shaped folder (tests/styleqa_fixture.py), at <tmp>/shared/data/styleqa."""
+    return write_styleqa(tmp_path_factory.mktemp("styleqa") / "shared" / "data" / "styleqa")
+
+
+@pytest.fixture(scope="module")
+def styleqa_found(styleqa_folder):
+    """Run from above `styleqa_folder`, so that code asking for "styleqa" by name (find_styleqa, which looks
+    for shared/data/styleqa above the current directory first) reads it and not the real data."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(styleqa_folder.parents[2])
+        yield styleqa_folder
 
 
 def styled_records(user: str, style: str, n: int, start: int = 0) -> list[PersonalRecord]:

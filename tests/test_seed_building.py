@@ -413,6 +413,8 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
     assert [e.name for e in catalog.entries] == ["cluster1", "cluster2"]
     pair = next(e for e in catalog.entries if "2 contributor(s)" in e.built_from)
     assert all(c in pair.built_from for c in same), "the two contributors with one update direction cluster"
+    # each seed records its contributors, so a withdrawal names the seeds it touches (coordinator.service)
+    assert json.loads((catalog.seed_folder(pair.name) / "contributors.json").read_text()) == same
     weights, rank, alpha = load_peft_adapter(catalog.seed_folder(pair.name) / "delta")
     np.testing.assert_allclose((alpha / rank) * weights[Q][1].astype(np.float64) @ weights[Q][0],
                                expected_mean(group[:2], Q), rtol=1e-5, atol=1e-7)

@@ -13,7 +13,9 @@ from simulation.datasets import load_users
 from simulation.federation import collect_adapters, prepare_devices, simulate_devices
 from simulation.settings import SimulateSettings
 
-pytestmark = pytest.mark.integration
+# A simulation waits up to its `timeout` (300 s) for a step's replies: the test's own limit lies above it, so
+# that a stuck participant is reported by the simulation, not cut off by pytest-timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 
 

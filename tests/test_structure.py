@@ -31,7 +31,11 @@ def test_participants_and_coordinator_never_import_each_other():
 def test_run_config_keys_match_the_settings():
     import tomllib
 
+    from protocols.settings import to_config
+
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    # every setting is there (`flwr run --run-config` takes only listed keys), with the schema's default
+    assert defaults == to_config(RunSettings())
     assert RunSettings.from_run_config(defaults) == RunSettings()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from participants.word_proposal import propose_words, proposed_vocabulary
 
 
@@ -17,6 +19,7 @@ def test_the_vocabulary_takes_each_seeds_best_new_words_in_turn():
     assert proposed_vocabulary({}, known=()) == []
 
 
+@pytest.mark.integration  # the real embedded model
 def test_the_embedded_model_proposes_lowercase_words_with_probabilities():
     from participants.seed_loading import load_seed
     from protocols.seeds import DEFAULT_SEED
