@@ -1,4 +1,5 @@
-"""What a build is told: how to explain its seeds (`ExplainSettings`) and each seed to build (`SeedJob`)."""
+"""What a build is told: how to train its seeds (`SeedTraining`), how to explain them (`ExplainSettings`), and
+each seed to build (`SeedJob`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from coordinator.explain_seed import minilm_embed
-from participants.lora_training import LoraWeights
+from participants.lora_training import LoraSettings, LoraWeights
 from protocols.attribute_words import check_exemplars
 from protocols.explanations import STYLE_WORDS, Embed
+from protocols.settings import ParticipantSettings, check, same_as
 
 DEFAULT_WORDS = STYLE_WORDS[:8]
 
@@ -75,3 +77,25 @@ class SeedJob:
     # trains the seed again with more capacity, for a seed that reads as another seed's label (labeled builds)
     make_stronger: Callable[[], tuple[LoraWeights, int, float]] | None = None
     stronger: str = ""  # that recipe in words, for built_from
+
+
+@dataclass(frozen=True)
+class SeedTraining:
+    """How each labeled seed's LoRA is trained: the run schema's training settings, longer and wider by default
+    (a seed must carry a whole group's style, not one user's)."""
+
+    lora_rank: int = same_as(ParticipantSettings, "lora_rank")
+    lora_alpha: float = same_as(ParticipantSettings, "lora_alpha")
+    lora_steps: int = same_as(ParticipantSettings, "lora_steps", default=40, help="LoRA steps per seed")
+    lora_lr: float = same_as(ParticipantSettings, "lora_lr")
+    batch_size: int = same_as(ParticipantSettings, "batch_size")
+    max_len: int = same_as(ParticipantSettings, "max_len", default=128)
+    rng_seed: int = same_as(ParticipantSettings, "rng_seed", help="the random seed of LoRA training and of the "
+                                                                  "clustering")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, steps=self.lora_steps, lr=self.lora_lr,
+                            batch_size=self.batch_size, max_len=self.max_len, seed=self.rng_seed)

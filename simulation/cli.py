@@ -187,6 +187,8 @@ def cmd_pool_verify(args) -> int:
 
 
 def _add_seeds(sub) -> None:
+    from catalog_build.settings import SeedTraining
+
     p = sub.add_parser("seeds", help="build the seed catalog (seeds and their explained styles)")
     ssub = p.add_subparsers(dest="seeds_command", required=True)
     b = ssub.add_parser("build", help="train seeds from labeled data, or merge them from pool clusters, and "
@@ -203,12 +205,6 @@ def _add_seeds(sub) -> None:
     b.add_argument("--out", default="runs/catalog", help="catalog folder (catalog.json, build.json, seeds/)")
     b.add_argument("--styles", default="1,2,3,4,5,6,7,8", help="styleqa styles to make seeds of")
     b.add_argument("--rows", type=int, default=64, help="training rows per seed (a JSONL group's first ones)")
-    b.add_argument("--steps", type=int, default=40, help="LoRA steps per seed")
-    b.add_argument("--rank", type=int, default=8)
-    b.add_argument("--alpha", type=float, default=16.0)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--batch-size", type=int, default=4)
-    b.add_argument("--max-len", type=int, default=128, help="tokens per training sequence")
     b.add_argument("--probes", type=int, default=16,
                    help="probe prompts the seeds and the base answer (more on a rerun: only the new ones are answered)")
     b.add_argument("--words", type=int, default=8,
@@ -242,7 +238,7 @@ def _add_seeds(sub) -> None:
     b.add_argument("--seed-model", default=None,
                    help=f"the base: {DEFAULT_SEED}, {TINY}, a local HF folder or a hub id (default: {DEFAULT_SEED}; "
                         f"with --from-pool, the seed of the pool's pieces)")
-    b.add_argument("--random-seed", type=int, default=0, help="seed of LoRA training and of the clustering")
+    add_settings_flags(b, SeedTraining)
     b.set_defaults(func=cmd_seeds_build)
     c = ssub.add_parser("bench", help="XPerT's seed choice against exhaustive search and successive halving: "
                                       "accuracy, cost against catalog size, fine-tuning from the selected seed vs. "
@@ -281,7 +277,7 @@ def cmd_seeds_bench(args) -> int:
 
 def cmd_seeds_build(args) -> int:
     import catalog_build as cb
-    from participants.lora_training import LoraSettings
+    from catalog_build.settings import SeedTraining
     from protocols.explanations import STYLE_WORDS
 
     model = args.seed_model or DEFAULT_SEED  # with --from-pool and no model: the pool's seed, local as a rule
@@ -300,14 +296,13 @@ def cmd_seeds_build(args) -> int:
             raise ValueError("--from-pool needs --clusters K, the number of seeds to make")
         probes = _probe_prompts(args, avoid=set())
         catalog = cb.build_catalog_from_pool(args.out, args.from_pool, args.seed_model, args.clusters,
-                                             probes=probes, random_seed=args.random_seed, **common)
+                                             probes=probes, random_seed=args.rng_seed, **common)
     else:
         if args.clusters is not None:
             raise ValueError("--clusters only applies with --from-pool")
         groups, built_from, labels = _labeled_groups(args)
         probes = _probe_prompts(args, avoid={r.input for records in groups.values() for r in records})
-        lora = LoraSettings(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
-                            batch_size=args.batch_size, max_len=args.max_len, seed=args.random_seed)
+        lora = settings_from(args, SeedTraining).lora()
         catalog = cb.build_catalog_from_labels(args.out, groups, args.seed_model or DEFAULT_SEED, lora, probes,
                                                built_from=built_from, labels=labels,
                                                retrain_misread=not args.no_retrain_misread, **common)

@@ -12,7 +12,7 @@ from simulation.seeds_bench.users import bench_users
 from simulation.styleqa import styleqa_groups, styleqa_probes
 
 SETTINGS = SeedBenchSettings(users_per_style=2, search_users_per_style=1, history=4, test=2, ft_steps=3, eval_every=1, styles_for_tuning=2,
-                             sharer_steps=2, gate_steps=1, max_len=48, scaling_sizes=(2, 4))
+                             lora_steps=2, gate_steps=1, max_len=48, scaling_sizes=(2, 4))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,7 +129,7 @@ def test_the_command_line_refuses_a_missing_catalog_and_unknown_parts(tmp_path, 
     assert "no seed catalog" in capsys.readouterr().err
     assert main(["seeds", "bench", "--catalog", str(tmp_path), "--parts", "accuracy,speed"]) == 2
     assert "unknown --parts speed" in capsys.readouterr().err
-    assert main(["simulate", "--catalog", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+    assert main(["simulate", "--catalog", str(tmp_path / "none"), "--out-dir", str(tmp_path / "run"),
                  "--seed-model", "tiny-random", "--users", "2", "--sharers", "1", "--newcomers", "1"]) == 2
     assert "no seed catalog" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -330,7 +330,7 @@ def test_bouquet_seeds_build_from_a_jsonl_file_one_seed_per_user(tmp_path, capsy
     records += [PersonalRecord("bob", f"question {i}", "ab ab ab") for i in range(4)]
     save_records(records, tmp_path / "users.jsonl")
     args = ["seeds", "build", "--data", str(tmp_path / "users.jsonl"), "--out", str(tmp_path / "cat"),
-            "--seed-model", TINY, "--rows", "3", "--steps", "2", "--probes", "5", "--words", "2",
+            "--seed-model", TINY, "--rows", "3", "--lora-steps", "2", "--probes", "5", "--words", "2",
             "--basis", "model", "--propose-words", "2", "--max-new-tokens", "4", "--batch-size", "2",
             "--max-len", "32"]
     assert main(args) == 0

@@ -61,7 +61,7 @@ def pools(catalog: Catalog, selection: dict, s: SeedBenchSettings, out: Path) ->
                         # a key per sharer derived from its name: the same sharer signs alike on every run
                         key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"seeds:{u.user}".encode()).digest())
                         share = train_and_share(seed, u.history, s.participant(source), key,
-                                                share_seed=s.random_seed, who=f"{u.user} on {Path(source).name}")
+                                                share_seed=s.rng_seed, who=f"{u.user} on {Path(source).name}")
                         pool.add_many(share.shared)
                     state["sharers"][u.user] = selected.seed_id or "base"
                     write_json(path, state)

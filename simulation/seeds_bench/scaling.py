@@ -32,7 +32,7 @@ TINY_PROBES = ("what is a tree?", "how do boats float?", "why is the sky blue?",
 
 def scaling(s: SeedBenchSettings, out: Path) -> list[dict]:
     """Catalogs of 4..32 tiny seeds: the selection cost of each method, per catalog size."""
-    largest = build_tiny_catalog(out / "tiny-catalog", max(s.scaling_sizes), seed=s.random_seed)
+    largest = build_tiny_catalog(out / "tiny-catalog", max(s.scaling_sizes), seed=s.rng_seed)
     user = bench_users([1], replace(s, test=1), 1)[0]
     base = load_seed(largest.base)
     rows = []

@@ -1,15 +1,19 @@
-"""The seeds bench's settings, and the trainer's and the device's settings it derives from them."""
+"""The seeds bench's settings: who is benched and how, on top of the run schema's training settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from participants.lora_training import LoraSettings
-from protocols.settings import ParticipantSettings
+from participants.settings import lora_settings
+from protocols.settings import ParticipantSettings, same_as
 
 
 @dataclass(frozen=True)
-class SeedBenchSettings:
+class SeedBenchSettings(ParticipantSettings):
+    lora_steps: int = same_as(ParticipantSettings, "lora_steps", default=20, help="private LoRA steps of a pool's sharers")
+    gate_steps: int = same_as(ParticipantSettings, "gate_steps", default=10)
+    max_len: int = same_as(ParticipantSettings, "max_len", default=128)
     users_per_style: int = 3
     search_users_per_style: int = 1  # the searches load every seed per user: run them on the first N users only
     history: int = 16
@@ -17,24 +21,13 @@ class SeedBenchSettings:
     ft_steps: int = 30  # fine-tuning steps from the base and from the selected seed
     eval_every: int = 3
     styles_for_tuning: int = 4  # styles (the first N of the catalog) in comparisons 3 and 4
-    sharer_steps: int = 20
-    gate_steps: int = 10
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 1e-3
-    batch_size: int = 4
-    max_len: int = 128
     min_items: int = 2  # successive halving's first budget
     scaling_sizes: tuple[int, ...] = (4, 8, 16, 32)
-    random_seed: int = 0
 
     def lora(self, steps: int) -> LoraSettings:
-        return LoraSettings(rank=self.rank, alpha=self.alpha, steps=steps, lr=self.lr, batch_size=self.batch_size,
-                            max_len=self.max_len, seed=self.random_seed)
+        return lora_settings(self, steps=steps)
 
     def participant(self, seed_model: str) -> ParticipantSettings:
-        """What a pool's sharers and newcomers run with: they share every piece, newcomers mix 3 of 6."""
-        return ParticipantSettings(seed_model=seed_model, lora_rank=self.rank, lora_alpha=self.alpha,
-                                   lora_steps=self.sharer_steps, lora_lr=self.lr, gate_steps=self.gate_steps,
-                                   gate_lr=5e-3, batch_size=self.batch_size, max_len=self.max_len, share_ratio=1.0,
-                                   top_k=3, shortlist=6, rng_seed=self.random_seed)
+        """What a pool's sharers and newcomers run with: the run schema's settings, on `seed_model`."""
+        return ParticipantSettings(**{f.name: getattr(self, f.name) for f in fields(ParticipantSettings)}
+                                   | {"seed_model": seed_model})
