@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator import replies as read
@@ -84,15 +85,23 @@ class Round:
         return RecordDict({M.CONFIG: ConfigRecord(self.settings.participant_config()), **extra, **records})
 
     def send(self, message_type: str, contents: dict[int, RecordDict], step: str) -> dict[int, Message]:
-        """Send one message per node, wait up to the timeout, return the good replies by node id."""
+        """Send one message per node, wait up to the timeout, return the good replies by node id, in the order
+        of `contents` (never the order they arrived in, so that what follows is the same in every run).
+
+        A reply belongs to the node its message went to (Flower's reply-to id); only that node, or the SuperLink
+        answering with an error for a node it lost, may send it."""
         timeout = self.settings.timeout
         msgs = [Message(content, dst_node_id=nid, message_type=message_type, group_id=step)
                 for nid, content in contents.items()]
+        arrived = self.grid.send_and_receive(msgs, timeout=timeout)
+        asked = {m.metadata.message_id: nid for m, nid in zip(msgs, contents)}  # ids are set when sent
         replies, failed = {}, set()
-        for rep in self.grid.send_and_receive(msgs, timeout=timeout):
-            nid = rep.metadata.src_node_id
-            if nid not in contents or nid in replies or nid in failed:
-                self.refuse(step, nid, "sender", "a reply from a node that was not asked, or a second reply")
+        for rep in arrived:
+            nid, sender = asked.get(rep.metadata.reply_to_message_id), rep.metadata.src_node_id
+            if nid is None or nid in replies or nid in failed or (
+                    sender != nid and not (sender == SUPERLINK_NODE_ID and rep.has_error())):
+                self.refuse(step, sender, "sender", "a reply to no message of this step, a reply from another "
+                                                    "node than the one asked, or a second reply")
             elif rep.has_error():
                 failed.add(nid)
                 reason = str(rep.error.reason)[:read.MAX_TEXT]
@@ -103,7 +112,7 @@ class Round:
         for nid in sorted(set(contents) - set(replies) - failed):
             self.report.unanswered.append(f"{step}: node {nid}: no reply within {timeout:.0f} s")
             log.warning("%s: node %s did not answer within %.0f s", step, nid, timeout)
-        return replies
+        return {nid: replies[nid] for nid in contents if nid in replies}
 
     def refuse(self, step: str, node: int, check: str, reason: str) -> None:
         self.report.refused.append(f"{step}: node {node}: check {check!r}: {reason}")

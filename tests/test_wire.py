@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from dataclasses import replace
 
 import numpy as np
@@ -115,6 +116,7 @@ class FakeGrid:
                   M.ASSEMBLE: "assemble"}
         out = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do when they push
             answer = getattr(self.nodes[msg.metadata.dst_node_id], method[msg.metadata.message_type])(msg)
             if isinstance(answer, Error):
                 out.append(Message(answer, reply_to=msg))
@@ -406,3 +408,26 @@ def test_a_stray_reply_and_a_phase_that_raises_still_write_metrics(tmp_path, tin
     assert metrics["error"] == "RuntimeError: the link went down" and "profiles" in metrics["seconds"]
     assert any("node 1: check 'sender'" in line for line in metrics["refused"])  # the second reply
     assert any("node 99: check 'sender'" in line for line in metrics["refused"])  # a node not asked
+
+
+def test_a_lost_node_is_reported_as_itself_and_a_reply_from_another_node_is_refused(tmp_path, tiny):
+    """Flower's SuperLink answers for a node it lost, with an error from node id 1: the report names the lost
+    node, not the SuperLink. A node answering a message sent to another is refused."""
+    class Lossy(FakeGrid):
+        def send_and_receive(self, messages, timeout=None):
+            replies = super().send_and_receive(messages, timeout)
+            if messages and messages[0].metadata.message_type == M.PROFILE:
+                for rep in replies:
+                    if rep.metadata.reply_to_message_id == messages[2].metadata.message_id:  # node 3: lost
+                        rep.metadata.__dict__["_src_node_id"] = 1
+                        rep.__dict__["_error"], rep.__dict__["_content"] = Error(code=0, reason="node lost"), None
+                    if rep.metadata.reply_to_message_id == messages[3].metadata.message_id:  # node 4's, sent by 2
+                        rep.metadata.__dict__["_src_node_id"] = 2
+            return replies
+
+    nodes = {n: Node(tiny, count=50, rng=n) for n in (1, 2, 3, 4)}
+    report = run_round(Lossy(nodes), settings(tmp_path, nodes, sharers=2, newcomers=0))
+    assert any(line.startswith("profile: node 3: error 0: node lost") for line in report.unanswered)
+    assert any(line.startswith("profile: node 2: check 'sender'") for line in report.refused)
+    assert any(line.startswith("profile: node 4: no reply") for line in report.unanswered)
+    assert len(report.sharers) == 2 and not any("node 1" in line for line in report.refused + report.unanswered)
