@@ -51,15 +51,18 @@ log = logging.getLogger("bouquet")
 
 @dataclass
 class RoundReport:
-    sharers: dict[str, dict] = field(default_factory=dict)  # user -> share metrics
-    newcomers: list[dict] = field(default_factory=list)  # per newcomer: user + metrics
+    """What the coordinator keeps of a round. It knows nodes by their node id and, once a node has sent its
+    profile, by its signing key id ("key-id" in a row): never by a name, a path or anything of a device's data."""
+    sharers: dict[str, dict] = field(default_factory=dict)  # node id -> key id + share metrics
+    newcomers: list[dict] = field(default_factory=list)  # per newcomer: node id, key id, seed + metrics
     refused: list[str] = field(default_factory=list)  # "<step>: node <id>: check '<check>': <why>", pieces too
     unanswered: list[str] = field(default_factory=list)  # "<step>: node <id>: <why>"
     skipped: list[str] = field(default_factory=list)  # pool blobs that were missing or corrupt when served
     pool_pieces: int = 0
-    selections: dict[str, dict] = field(default_factory=dict)  # user -> chosen seed, distance, reason
+    selections: dict[str, dict] = field(default_factory=dict)  # node id -> key id, chosen seed, distance, reason
+    profiles: dict[str, dict] = field(default_factory=dict)  # node id -> key id + its profile's (ε, δ), as reported
     pool_by_seed: dict[str, int] = field(default_factory=dict)
-    fallbacks: dict[str, dict] = field(default_factory=dict)  # node -> the seed it wanted, the one it used
+    fallbacks: dict[str, dict] = field(default_factory=dict)  # node id -> the seed it wanted, the one it used
     seconds: dict[str, float] = field(default_factory=dict)  # per phase
     error: str = ""  # what stopped the round, when something did
 
@@ -77,6 +80,10 @@ class Round:
     preferences: dict[int, list[str]] = field(default_factory=dict)  # node -> seed ids, nearest first
     node_key: dict[int, str] = field(default_factory=dict)  # node -> the signing key id its profile reported
     seed_refs: dict[str, ConfigRecord] = field(default_factory=dict)  # catalog seed id -> its name and hash
+
+    def known_as(self, node: int) -> dict:
+        """How the report names a node besides its id: the signing key id its profile reported, if any."""
+        return {"key-id": self.node_key[node]} if self.node_key.get(node) else {}
 
     def content(self, node: int, **records) -> RecordDict:
         """A message's records: the participants' settings, and the catalog seed the node runs on if any."""
@@ -177,19 +184,18 @@ def choose_seeds(r: Round, catalog: Catalog) -> None:
     for nid, rep in replies.items():
         with r.guard("style", nid):
             sel = read.record(rep, M.SELECTION, ConfigRecord)
-            name, user = read.text(sel, "seed", 256), read.text(sel, "user", 256)
+            name = read.text(sel, "seed", 256)
             ranking = read.strings(sel, "ranking", len(ids)) if "ranking" in sel else []
             unknown = [n for n in [name, *ranking] if n and n not in ids]
             if unknown:
                 raise read.BadReply("seed", f"seed names the catalog does not list: {unknown[:3]}")
-            if user in r.report.selections:
-                raise read.BadReply("user", f"user {user!r} was already reported by another node")
             row = {"seed": name or "base", "distance": read.number(sel, "distance", low=0, infinite=True),
-                   "reason": read.text(sel, "reason")} | read.metrics(rep, M.METRICS)
+                   "reason": read.text(sel, "reason")}
+            row = row | read.metrics(rep, M.METRICS) | row  # a metric never overwrites what the report says
             if name:
                 r.node_seed[nid] = ids[name]
             r.preferences[nid] = [ids[n] for n in ranking]
-            r.report.selections[user] = row
+            r.report.selections[str(nid)] = row
 
 
 def choose_participants(r: Round) -> tuple[list[int], list[int]]:
@@ -202,8 +208,14 @@ def choose_participants(r: Round) -> tuple[list[int], list[int]]:
             profile = Profile(nid, int(read.number(rec, "count", whole=True, low=0, high=2**53)),
                               read.vector(rec, "embedding", r.settings.profile_dim),
                               read.text(rec, "key-id", 64, required=False))
+            privacy = read.metrics(rep, M.METRICS) if M.METRICS in rep.content else {}
             profiles.append(profile)
             r.node_key[nid] = profile.key_id
+            if privacy:
+                r.report.profiles[str(nid)] = r.known_as(nid) | privacy
+    for nid, row in r.report.selections.items():  # the seed choice came before any key id: name it now
+        known = r.known_as(int(nid))
+        r.report.selections[nid] = known | row | known
     s = r.settings
     if s.phases == "assemble":  # no sharing: the newcomers are nodes the pool holds no pieces of
         sharers, held = [], set(r.pool.contributors())
@@ -222,14 +234,12 @@ def collect_shares(r: Round, sharers: list[int]) -> None:
     replies = r.send(M.SHARE, {n: r.content(n) for n in sharers}, "share")
     for nid, rep in replies.items():
         with r.guard("share", nid):
-            user = read.text(read.record(rep, M.INFO, ConfigRecord), "user", 256)
-            if user in r.report.sharers:
-                raise read.BadReply("user", f"user {user!r} was already reported by another node")
             pieces = read_pieces(r.settings, rep)
             metrics = read.metrics(rep, M.METRICS)  # all reading done: nothing below fails after pieces are stored
             accepted, refused = r.pool.add_many(pieces, share_policy(r, nid))
-            r.report.refused.extend(f"share: node {nid} ({user}): {err}" for err in refused)
-            r.report.sharers[user] = metrics | {"accepted": len(accepted), "refused": len(refused)}
+            r.report.refused.extend(f"share: node {nid}: {err}" for err in refused)
+            known = r.known_as(nid)
+            r.report.sharers[str(nid)] = known | metrics | {"accepted": len(accepted), "refused": len(refused)} | known
     r.report.pool_by_seed = {seed.seed_id: r.pool.count(seed.seed_id) for seed in r.pool.seeds()}
     r.report.pool_pieces = sum(r.report.pool_by_seed.values())
     log.info("pool holds %s pieces per seed (%d refused)", r.report.pool_by_seed, len(r.report.refused))
@@ -293,7 +303,8 @@ def collect_shortlists(r: Round, newcomers: list[int]) -> dict[int, list[str]]:
         with r.guard("gates", nid):
             positions = {pid: position for pid, position, *_ in served[r.node_seed[nid]]}
             ids = checked_shortlist(read.record(rep, M.SHORTLIST, ConfigRecord), positions, r.settings.shortlist)
-            row = {"node": nid, "seed": r.node_seed[nid]} | read.metrics(rep, M.METRICS)
+            row = {"node": nid, **r.known_as(nid), "seed": r.node_seed[nid]}
+            row = row | read.metrics(rep, M.METRICS) | row
             shortlists[nid] = ids
             r.report.newcomers.append(row)
     return shortlists
@@ -340,8 +351,8 @@ def collect_assemblies(r: Round, shortlists: dict[int, list[str]]) -> None:
     for nid in shortlists:
         if nid in replies:
             with r.guard("assemble", nid):
-                user = read.text(read.record(replies[nid], M.INFO, ConfigRecord), "user", 256)
-                done.append({"user": user} | rows[nid] | read.metrics(replies[nid], M.METRICS))
+                known = {k: rows[nid][k] for k in ("node", "key-id", "seed") if k in rows[nid]}
+                done.append(rows[nid] | read.metrics(replies[nid], M.METRICS) | known)
     r.report.newcomers = done
 
 

@@ -4,7 +4,9 @@ A dispatcher: the work lives in functions a benchmark calls just the same (parti
 participants.newcomer for the newcomer). Nothing in a reply is personal data: a noised profile vector, the
 pieces this participant chose to share, the ids of the pool pieces it wants, and metrics.
 Every handler first checks the message against the device's limits (participants.limits): a request beyond them
-raises, and Flower answers the coordinator with an error reply that names the limit.
+raises, and Flower answers the coordinator with an error reply that names the limit. What leaves the device
+follows its own privacy policy, never the message (participants.device_privacy): the profile's noise and the
+share's draw come from randomness the coordinator cannot know, and replies carry only the metrics it allows.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from participants.adapters import branches
 from participants.device import Device
+from participants.device_privacy import release_profile, report_allowed_metrics, share_request
+from participants.error_replies import plain_errors
 from participants.evaluation import evaluate
 from participants.newcomer import assemble_pieces, shortlist_pieces
 from participants.seed_loading import LoadedSeed, load_seed
@@ -27,7 +30,8 @@ from protocols.identity import key_id, public_bytes
 from protocols.settings import ParticipantSettings, from_config
 
 log = logging.getLogger("bouquet")
-app = ClientApp()
+app = ClientApp(mods=[plain_errors,  # an error reply names the exception's type, never a path or a record
+                      report_allowed_metrics])  # a reply's metrics: only those the device's policy allows
 
 
 def _settings(msg: Message) -> ParticipantSettings:
@@ -39,6 +43,7 @@ def _request(msg: Message, context: Context) -> tuple[ParticipantSettings, Devic
     s = _settings(msg)
     device = Device.from_node_config(context.node_config)
     device.limits().check_settings(s)
+    device.policy()  # a broken policy.json stops every request, naming the file and the key
     return s, device
 
 
@@ -59,11 +64,6 @@ def _key_id(device: Device) -> str:
     return key_id(public_bytes(device.key().public_key()))
 
 
-def _stable_seed(s: ParticipantSettings, device: Device) -> int:
-    """A random seed of this device's own: the run's rng-seed and its key id, both stable across runs."""
-    return s.rng_seed * 7919 + int(_key_id(device)[:8], 16)
-
-
 def _reply(msg: Message, **records) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
@@ -82,7 +82,7 @@ def style(msg: Message, context: Context) -> Message:
     log.info("%s", selection.reason)
     return _reply(msg, **{
         M.SELECTION: ConfigRecord({"seed": selection.seed_id or "", "distance": float(selection.distance),
-                                   "reason": selection.reason, "user": device.history()[0].user,
+                                   "reason": selection.reason,
                                    "ranking": sorted(selection.distances, key=lambda k: (selection.distances[k], k))}),
         M.METRICS: MetricRecord({"selection-seconds": time.perf_counter() - start,
                                  "own-residual": float(own.residual), "catalog-seeds": len(catalog.entries)})})
@@ -90,28 +90,27 @@ def style(msg: Message, context: Context) -> Message:
 
 @app.query("profile")
 def profile(msg: Message, context: Context) -> Message:
-    """A noised mean embedding of the history, its size, and the signing key id the coordinator orders nodes by."""
-    from participants.profile import noised_profile
-
-    s, device = _request(msg, context)
-    rng = np.random.default_rng(_stable_seed(s, device))
-    count, vec = noised_profile(device.history(), noise_std=s.profile_noise, rng=rng)
-    return _reply(msg, **{M.PROFILE_RECORD: ConfigRecord({"count": count, "embedding": [float(v) for v in vec],
-                                                          "key-id": _key_id(device)})})
+    """A DP-noised mean embedding of the history (the device's policy sets its ε, δ and budget), its size, and
+    the signing key id the coordinator orders nodes by."""
+    _, device = _request(msg, context)
+    release, spent = release_profile(device)
+    return _reply(msg, **{M.PROFILE_RECORD: ConfigRecord({"count": release.count,
+                                                          "embedding": [float(v) for v in release.embedding],
+                                                          "key-id": _key_id(device)}),
+                          M.METRICS: MetricRecord(spent)})
 
 
 @app.train("share")
 def share(msg: Message, context: Context) -> Message:
     """Train a private LoRA and its gates, cut into signed pieces, send back a share of them."""
     s, device = _request(msg, context)
+    s, share_seed = share_request(device, s)  # the policy's share ratio and randomness, or its refusal
     history = device.history()
-    user = history[0].user
-    result = train_and_share(_seed(msg, s, device), history, s, device.key(), _stable_seed(s, device), who=user)
+    result = train_and_share(_seed(msg, s, device), history, s, device.key(), share_seed)
     arrays, meta = M.pieces_to_records(result.shared)
-    metrics = MetricRecord({"num-examples": len(history), **result.metrics(),
+    metrics = MetricRecord({"num-examples": len(history), **result.metrics(), "share-ratio": s.share_ratio,
                             "upload-bytes": int(arrays.count_bytes())})
-    return _reply(msg, **{M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: metrics,
-                          M.INFO: ConfigRecord({"user": user})})
+    return _reply(msg, **{M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: metrics})
 
 
 @app.query("gates")
@@ -145,4 +144,4 @@ def assemble_adapter(msg: Message, context: Context) -> Message:
         mine = evaluate(seed, test, branches(result.weights, 1.0, seed.device), max_new_tokens=s.max_new_tokens,
                         with_generation=s.generate, max_len=s.max_len)
         metrics |= {f"seed-{k}": v for k, v in base.items()} | {f"assembled-{k}": v for k, v in mine.items()}
-    return _reply(msg, **{M.METRICS: MetricRecord(metrics), M.INFO: ConfigRecord({"user": history[0].user})})
+    return _reply(msg, **{M.METRICS: MetricRecord(metrics)})

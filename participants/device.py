@@ -9,6 +9,9 @@ simulation every virtual participant gets `$BOUQUET_DEVICES_ROOT/<partition-id>/
     adapter/        its assembled adapter, a PEFT LoRA folder
     supernode.key   its SuperNode key (EC P-384, OpenSSH), and supernode.pub, the key the operator registers
     limits.json     what a coordinator may ask of it (participants.limits; defaults when absent)
+    policy.json     what it lets leave it: share ratio, profile privacy, metrics, randomness
+                    (participants.privacy_policy; the safe defaults when absent)
+    privacy-ledger.json  the ε it has spent, release by release (participants.privacy_ledger)
     flwr-home/      the SuperNode's own FLWR_HOME
 `bouquet device init` (participants.device_setup) creates a real device's folder, 0700, its keys 0600.
 A device that may run on a catalog seed also knows a local copy of the catalog (`--node-config
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from participants.limits import LIMITS_FILE, UNBOUNDED, DeviceLimits
+from participants.privacy_ledger import LEDGER_FILE, PrivacyLedger
+from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
 from protocols.catalog import SEEDS_DIR
 from protocols.identity import load_or_create_key
 from protocols.records import PersonalRecord, load_records
@@ -79,6 +84,13 @@ class Device:
         """The device's limits.json; without one, the safe defaults (a simulated device: none)."""
         path = self.root / LIMITS_FILE
         return UNBOUNDED if self.simulated and not path.exists() else DeviceLimits.load(path)
+
+    def policy(self) -> PrivacyPolicy:
+        """The device's policy.json; without one, the safe defaults, for a simulated device too."""
+        return PrivacyPolicy.load(self.root / POLICY_FILE)
+
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(self.root / LEDGER_FILE)
 
     @property
     def adapter_dir(self) -> Path:

@@ -2,8 +2,8 @@
 
     init_device          the folder (0700): history.jsonl (and test.jsonl) checked with load_records, the
                          piece-signing key (Ed25519), the SuperNode key (EC P-384 in OpenSSH format, the only
-                         kind flower-supernode accepts), limits.json with the defaults; every file written to a
-                         temp file and renamed, owner-readable only. Keys that exist are kept: a device's identity
+                         kind flower-supernode accepts), limits.json and policy.json (participants.privacy_policy)
+                         with the defaults; every file written to a temp file and renamed, owner-readable only. Keys that exist are kept: a device's identity
                          is its keys, so running init again replaces the data, never the keys.
     supernode_command    the flower-supernode command line for this device
     withdrawal_request   a signed request to withdraw all this device's pieces from a pool (protocols.withdrawal)
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from participants.device import Device
 from participants.limits import LIMITS_FILE, DeviceLimits
+from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
 from protocols.identity import key_id, public_bytes
 from protocols.records import load_records
 from protocols.withdrawal import make_withdrawal
@@ -88,6 +89,11 @@ def init_device(root: str | Path, data: str | Path, test: str | Path | None = No
         write_private(limits, DeviceLimits().to_json().encode())
     else:
         DeviceLimits.load(limits)  # an edited file must still read
+    policy = device.root / POLICY_FILE
+    if not policy.exists():
+        write_private(policy, PrivacyPolicy().to_json().encode())
+    else:
+        PrivacyPolicy.load(policy)  # an edited policy must still read: the owner's choices are kept
     device.flwr_home.mkdir(mode=0o700, exist_ok=True)
     pub = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return DeviceSetup(device, pub.decode(), key_id(public_bytes(signing.public_key())), n_history, n_test)

@@ -15,13 +15,14 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from participants.error_replies import Refusal
 from protocols.settings import ParticipantSettings, key
 
 LIMITS_FILE = "limits.json"
 MIB = 1024 * 1024
 
 
-class LimitExceeded(ValueError):
+class LimitExceeded(Refusal):
     """A request beyond what this device allows; the message names the limit and the file that sets it."""
 
 

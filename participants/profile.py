@@ -2,15 +2,18 @@
 
 The coordinator needs to know who has a lot of data and whose data resembles whose, not what the data says.
 A participant therefore sends only how many history items it holds and the mean sentence embedding of them,
-with Gaussian noise added and the result re-normalized; the texts themselves stay on the device.
+clipped and noised so that the release is (ε, δ)-differentially private for every single record
+(`noised_profile`), and the texts themselves stay on the device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from participants.gaussian_mechanism import gaussian_sigma
 from protocols.records import PersonalRecord
 
 if TYPE_CHECKING:
@@ -52,10 +55,42 @@ def unit_profile(records: Sequence[PersonalRecord]) -> np.ndarray:
     return mean / np.linalg.norm(mean)
 
 
-def noised_profile(
-    records: Sequence[PersonalRecord], *, rng: np.random.Generator, noise_std: float
-) -> tuple[int, np.ndarray]:
-    """(number of history items, unit-length noised mean embedding of their "input\\noutput" texts)."""
-    mean = mean_embedding(records)
-    noised = mean + rng.normal(0.0, noise_std, size=mean.shape)
-    return len(records), (noised / np.linalg.norm(noised)).astype(np.float32)
+def clipped_mean(embeddings: np.ndarray, clip_norm: float) -> np.ndarray:
+    """The mean of the rows, each first scaled down to L2 norm at most `clip_norm`."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    scale = np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12))
+    return (embeddings.astype(np.float64) * scale).mean(axis=0)
+
+
+@dataclass(frozen=True)
+class ProfileRelease:
+    count: int  # history items: public under the neighbouring relation used (replace one record)
+    embedding: np.ndarray  # unit length, float32
+    epsilon: float
+    delta: float
+    sigma: float  # the noise std per coordinate
+
+
+def noised_profile(records: Sequence[PersonalRecord], *, rng: np.random.Generator, clip_norm: float,
+                   epsilon: float, delta: float) -> ProfileRelease:
+    """The history's size and its mean embedding, (ε, δ)-DP for each record, at unit length.
+
+    Neighbouring histories differ in one record replaced by another (same size n, so releasing n costs nothing).
+    Each record's embedding e_i is clipped to ||e_i|| <= C, so replacing one moves the mean by at most
+    Δ = 2C / n in L2. The release is
+
+        m = (1/n) Σ clip_C(e_i),   m~ = m + N(0, σ² I),   σ = gaussian_sigma(ε, δ, Δ)
+
+    with σ the analytic Gaussian mechanism's (participants.gaussian_mechanism: the smallest σ with
+    Φ(Δ/2σ − εσ/Δ) − e^ε Φ(−Δ/2σ − εσ/Δ) <= δ). What is sent is m~ / ||m~||: post-processing, same (ε, δ).
+    `rng` must be randomness the coordinator cannot know (participants.privacy_policy.PrivacyPolicy.rng).
+    """
+    if not records:
+        raise ValueError("a profile needs at least one history record")
+    n = len(records)
+    mean = clipped_mean(embed_texts([f"{r.input}\n{r.output}" for r in records]), clip_norm)
+    sigma = gaussian_sigma(epsilon, delta, 2.0 * clip_norm / n)
+    noised = mean + rng.normal(0.0, sigma, size=mean.shape)
+    norm = np.linalg.norm(noised)
+    unit = noised / norm if norm > 0 else noised
+    return ProfileRelease(n, unit.astype(np.float32), float(epsilon), float(delta), float(sigma))

@@ -33,7 +33,8 @@ class Share:
 
 def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: ParticipantSettings, signing_key,
                     share_seed: int, who: str = "sharer") -> Share:
-    """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared."""
+    """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared. `who` labels
+    the progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
     training = lora_settings(s)
     weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA")
     gates, gate = train_gates(seed, history, weights, training, steps=s.gate_steps, lr=s.gate_lr,

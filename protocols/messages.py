@@ -8,16 +8,20 @@ digest that the sender signed, so the container never has to be trusted. Arrays 
 bytes that came (np.load would first allocate whatever the header claims).
 
     STYLE          server -> participant the seed catalog (catalog.json)       (query.style)
-                   participant -> server the seed it chose, the distance, the reason in words
+                   participant -> server the seed it chose, the distance, the catalog's seeds nearest first,
+                                         the reason in the catalog's attribute words; selection metrics
     PROFILE        server -> participant                                        (query.profile)
                    participant -> server history size + noised mean embedding + signing key id
     SHARE          server -> sharer     config: training settings              (train.share)
-                   sharer -> server     pieces + metrics
+                   sharer -> server     pieces (signed with its key id) + metrics
     GATES          server -> newcomer   gates of the pool for one seed         (query.gates)
-                   newcomer -> server   ids of the pieces it shortlisted
+                   newcomer -> server   ids of the pieces it shortlisted + metrics
     ASSEMBLE       server -> newcomer   the shortlisted pieces + settings      (train.assemble)
                    newcomer -> server   metrics only (seed vs. assembled)
-Replies never carry personal data: only pieces the sharer chose to share, piece ids, metrics.
+Replies never carry personal data: only pieces the sharer chose to share, piece ids, metrics. Nor do they carry
+who a participant is: the coordinator knows a node by its node id and its signing key id, never by a user name,
+a device path or a record's text, and an error reply names the exception's type or the limit that refused the
+request, never its details (participants.error_replies).
 """
 
 from __future__ import annotations
@@ -46,9 +50,8 @@ GATE_META = "gate-meta"  # ConfigRecord: {"ids": [...], "positions": [...], "ran
 SHORTLIST = "shortlist"  # ConfigRecord: {"ids": [...]}
 METRICS = "metrics"  # MetricRecord
 CATALOG = "catalog"  # ConfigRecord: {"json": catalog.json's text}
-SELECTION = "selection"  # ConfigRecord: {"seed": name or "" for the base, "distance", "reason"}
-PROFILE_RECORD = "profile"  # ConfigRecord: {"count": int, "embedding": [float, ...]}
-INFO = "info"  # ConfigRecord of strings (user name, seed, notes)
+SELECTION = "selection"  # ConfigRecord: {"seed": name or "" for the base, "distance", "reason", "ranking"}
+PROFILE_RECORD = "profile"  # ConfigRecord: {"count": int, "embedding": [float, ...], "key-id": hex}
 SEED = "seed"  # ConfigRecord: {"catalog-seed": name, "content-hash": hex}: the catalog seed a node runs on
 #                (absent: the run's seed-model). A name and a hash, never a path of the coordinator's disk.
 

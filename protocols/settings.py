@@ -130,7 +130,6 @@ class ParticipantSettings:
     assembly_batch_size: int = setting(8, "history items per assembly forward pass", low=1)
     max_new_tokens: int = setting(40, "greedy generation length when evaluating", low=1)
     generate: bool = setting(True, "evaluate greedy generations (ROUGE) besides perplexity")
-    profile_noise: float = setting(0.02, "std per coordinate of the noise on a device's profile embedding", low=0)
     max_seed_distance: float = setting(0.0, "with a catalog: keep the base when the nearest seed's mix of "
                                             "attributes is farther (L1 between shares, 0..2); 0 = always the "
                                             "nearest", low=0, high=2)

@@ -93,10 +93,10 @@ def cmd_simulate(args) -> int:
         s = replace(s, catalog=str(Path(s.catalog).resolve()))
     s = replace(s, min_nodes=len(users))
     start = time.perf_counter()
-    metrics = run_federation(users, s)
-    metrics["wall_seconds"] = time.perf_counter() - start
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print_summary(metrics, out)
+    summary = run_federation(users, s)  # the coordinator's metrics.json joined with the devices' users
+    summary["wall_seconds"] = time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_summary(summary, out)
     return 0
 
 
@@ -109,7 +109,7 @@ def _add_bench(sub) -> None:
                                                          "(default %(default)s)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults sized for 2 CPU cores and SmolLM2 (under 30 min); explicit flags override them")
-    add_settings_flags(p, BenchSettings, skip=("generate", "profile_noise", "max_seed_distance",
+    add_settings_flags(p, BenchSettings, skip=("generate", "max_seed_distance",
                                                "assembly_batch_size"), preset=True)
     p.set_defaults(func=cmd_bench)
 
@@ -202,6 +202,9 @@ def _add_seeds(sub) -> None:
                    help="a piece pool (or a run folder holding one): one seed per cluster of its contributors, the "
                         "exact mean of their LoRA updates")
     b.add_argument("--clusters", type=int, default=None, help="seeds to make with --from-pool")
+    b.add_argument("--min-contributors", type=int, default=5,
+                   help="with --from-pool: the fewest contributors a seed may merge; a smaller cluster refuses the "
+                        "build, so that no seed publishes one contributor's update")
     b.add_argument("--out", default="runs/catalog", help="catalog folder (catalog.json, build.json, seeds/)")
     b.add_argument("--styles", default="1,2,3,4,5,6,7,8", help="styleqa styles to make seeds of")
     b.add_argument("--rows", type=int, default=64, help="training rows per seed (a JSONL group's first ones)")
@@ -296,7 +299,8 @@ def cmd_seeds_build(args) -> int:
             raise ValueError("--from-pool needs --clusters K, the number of seeds to make")
         probes = _probe_prompts(args, avoid=set())
         catalog = cb.build_catalog_from_pool(args.out, args.from_pool, args.seed_model, args.clusters,
-                                             probes=probes, random_seed=args.rng_seed, **common)
+                                             probes=probes, random_seed=args.rng_seed,
+                                             min_contributors=args.min_contributors, **common)
     else:
         if args.clusters is not None:
             raise ValueError("--clusters only applies with --from-pool")

@@ -265,7 +265,8 @@ def cmd_device_init(args) -> int:
 
     setup = init_device(args.dir, args.data, args.test)
     print(f"device folder {setup.device.root}: {setup.history} history, {setup.test} test record(s); "
-          f"contributor id {setup.contributor}; limits in {setup.device.root / 'limits.json'}", file=sys.stderr)
+          f"contributor id {setup.contributor}; limits in {setup.device.root / 'limits.json'}, privacy policy in "
+          f"{setup.device.root / 'policy.json'}", file=sys.stderr)
     print(f"register this key with the coordinator (`bouquet coordinator add-device DIR "
           f"{setup.device.supernode_pub_path}`):", file=sys.stderr)
     print(setup.supernode_public_key)
@@ -279,6 +280,7 @@ def cmd_device_start(args) -> int:
     device = Device(Path(args.dir).expanduser().resolve())
     cmd = supernode_command(device, args.coordinator, args.ca, args.port, args.catalog)
     device.limits()  # a broken limits.json is an error now, not at the first message
+    device.policy()  # so is a broken policy.json
     print(f"device {device.root}: SuperNode for {args.coordinator}", flush=True)
     return supervise(cmd, supernode_env(device), device.root)
 

@@ -1,4 +1,6 @@
-"""The table `bouquet simulate` prints at the end of a run."""
+"""The table `bouquet simulate` prints at the end of a run, from the run's summary.json (simulation.federation's
+`summarize`: the coordinator's report, whose nodes are node ids and key ids, joined with the virtual devices'
+users by the harness)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) -> None:
+    """`metrics`: the run's summary (summary.json), not the coordinator's metrics.json."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and pipes: wide enough that no column is cut

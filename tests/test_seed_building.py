@@ -405,9 +405,17 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
         pool.register_seed(RegisteredSeed(TINY, base.content_hash, seed_shapes(base.path)))
         accepted, refused = pool.add_many(p for m in group for p in m)
         assert not refused
+    # three contributors make seeds only when the operator lowers the floor (default: 5 per seed)
+    with pytest.raises(ValueError, match=r"--min-contributors 5 .*cluster1 has .*only 3 contributor"):
+        build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 1, probes=PROBES,
+                                explain=ExplainSettings(WORDS), max_new_tokens=4, embed=hashed_embed)
+    with pytest.raises(ValueError, match=r"--min-contributors 2 .*has 1; choose --clusters 1 or fewer"):
+        build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES,
+                                explain=ExplainSettings(WORDS), max_new_tokens=4, embed=hashed_embed,
+                                min_contributors=2)
     catalog = build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES,
                                       explain=ExplainSettings(WORDS),
-                                      max_new_tokens=4, embed=hashed_embed)
+                                      max_new_tokens=4, embed=hashed_embed, min_contributors=1)
     contributors = [m[0].contributor for m in group]
     same = sorted(contributors[:2])
     assert [e.name for e in catalog.entries] == ["cluster1", "cluster2"]
@@ -428,10 +436,10 @@ def test_pool_clusters_become_seeds_whose_merged_weights_are_the_mean(tmp_path):
     with pytest.raises(ValueError, match="between 1 and 3"):
         build_catalog_from_pool(tmp_path / "other", tmp_path / "run", None, 4, probes=PROBES,
                                 explain=ExplainSettings(WORDS),
-                                embed=hashed_embed)
+                                embed=hashed_embed, min_contributors=1)
     with pytest.raises(ValueError, match="labeled groups"):
         build_catalog_from_pool(tmp_path / "cat", tmp_path / "run", None, 2, probes=PROBES, max_new_tokens=4,
-                                explain=ExplainSettings(WORDS, corpus=True), embed=hashed_embed)
+                                explain=ExplainSettings(WORDS, corpus=True), embed=hashed_embed, min_contributors=1)
     with pytest.raises(FileNotFoundError, match="neither a piece pool"):
         build_catalog_from_pool(tmp_path / "other", tmp_path, None, 1, probes=PROBES, embed=hashed_embed)
 

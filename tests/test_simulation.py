@@ -20,6 +20,7 @@ STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 
 
 def simulate(root, catalog, users):
+    """The run's summary (summary.json): the coordinator's report joined with the devices' users by the harness."""
     run_dir = root / "run"
     settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=3, newcomers=2,
                                 lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
@@ -50,8 +51,10 @@ def run(world):
 def test_sharers_fill_the_pool_and_newcomers_get_adapters(run):
     run_dir, mapping, metrics = run
     assert len(metrics["sharers"]) == 3
-    assert all(m["pieces-shared"] == 8 and m["accepted"] == 8 for m in metrics["sharers"].values())
-    assert metrics["pool_pieces"] == 24 and metrics["refused"] == []
+    # the run asks for share-ratio 1; each device's default policy sends at most half of its 8 pieces
+    assert all(m["pieces-cut"] == 8 and m["share-ratio"] == 0.5 and m["pieces-shared"] == 4 and m["accepted"] == 4
+               for m in metrics["sharers"].values())
+    assert metrics["pool_pieces"] == 12 and metrics["refused"] == []
     newcomers = metrics["newcomers"]
     assert len(newcomers) == 2
     for m in newcomers:
@@ -72,7 +75,7 @@ def test_every_participant_picks_a_seed_and_its_pieces_land_in_that_seeds_pool(r
     with PiecePool(run_dir / "pool") as pool:
         filled = sorted(sid.removeprefix("catalog:") for sid, n in metrics["pool_by_seed"].items() if n)
         assert filled == sharer_seeds  # each sharer's pieces went to the pool of the seed it chose
-        assert sum(metrics["pool_by_seed"].values()) == pool.count() == 24
+        assert sum(metrics["pool_by_seed"].values()) == pool.count() == 12
     for m in metrics["newcomers"]:
         meta = json.loads((run_dir / "adapters" / m["user"] / "bouquet.json").read_text())
         assert meta["seed_model"] == m["seed"]  # it assembled on the seed whose pool it drew from
@@ -81,9 +84,32 @@ def test_every_participant_picks_a_seed_and_its_pieces_land_in_that_seeds_pool(r
             assert moved and all(metrics["pool_by_seed"].get(f["wanted"], 0) == 0 for f in moved)
 
 
+def test_the_coordinators_report_knows_nodes_and_key_ids_never_users_and_the_summary_joins_them(run):
+    from protocols.identity import key_id, load_or_create_key, public_bytes
+
+    run_dir, mapping, summary = run
+    report = json.loads((run_dir / "metrics.json").read_text())
+    text = (run_dir / "metrics.json").read_text()
+    assert not any(user in text for user in mapping.values()) and str(run_dir / "devices") not in text
+    assert all(node.isdigit() for node in [*report["sharers"], *report["selections"]])
+    keys = {key_id(public_bytes(load_or_create_key(run_dir / "devices" / str(pid) / "key.pem").public_key())): user
+            for pid, user in mapping.items()}
+    rows = [*report["sharers"].values(), *report["selections"].values(), *report["newcomers"]]
+    assert rows and all(row["key-id"] in keys for row in rows)
+    assert {keys[row["key-id"]] for row in report["sharers"].values()} == set(summary["sharers"])
+    assert [keys[row["key-id"]] for row in report["newcomers"]] == [m["user"] for m in summary["newcomers"]]
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert summary["nodes"] == {str(m["node"]): u for u, m in summary["sharers"].items()} | {
+        str(m["node"]): u for u, m in summary["selections"].items()} | {str(m["node"]): m["user"]
+                                                                         for m in summary["newcomers"]}
+
+
 def test_the_broken_participant_is_reported_and_left_out(run):
     _, mapping, metrics = run
     assert any("profile" in line and "error" in line for line in metrics["unanswered"])
+    # its error reply names the exception's type, not its device folder or the line that broke
+    assert not any("history.jsonl" in line or "devices" in line for line in metrics["unanswered"])
+    assert any("DataFormatError on the device" in line for line in metrics["unanswered"])
     assert mapping[5] not in metrics["sharers"]
     assert mapping[5] not in [m["user"] for m in metrics["newcomers"]]
 
@@ -107,7 +133,7 @@ def test_pool_verify_passes_then_catches_a_flipped_byte(run, capsys, tmp_path):
 
     run_dir, _, _ = run
     assert cli(["pool", "verify", str(run_dir)]) == 0
-    assert "ok: 24 pieces from 3 contributors" in capsys.readouterr().out
+    assert "ok: 12 pieces from 3 contributors" in capsys.readouterr().out
     copy = tmp_path / "pool"
     shutil.copytree(run_dir / "pool", copy)
     blob = sorted((copy / "blobs").rglob("*.safetensors"))[0]
@@ -117,7 +143,7 @@ def test_pool_verify_passes_then_catches_a_flipped_byte(run, capsys, tmp_path):
     assert cli(["pool", "verify", str(copy)]) == 1
     assert blob.stem[:12] in capsys.readouterr().out
     with PiecePool(copy) as pool:
-        assert pool.count() == 24  # the rest stays
+        assert pool.count() == 12  # the rest stays
 
 
 def test_adapters_are_collected_once_per_newcomer(run):

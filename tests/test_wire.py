@@ -76,8 +76,7 @@ class Node:
 
     def share(self, msg):
         arrays, meta = M.pieces_to_records(self.pieces())
-        return {M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: MetricRecord({"pieces-shared": 2}),
-                M.INFO: ConfigRecord({"user": f"user{self.rng}"})}
+        return {M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: MetricRecord({"pieces-shared": 2})}
 
     def gates(self, msg):
         entries = M.gates_from_records(msg.content[M.GATE_ARRAYS], msg.content[M.GATE_META])
@@ -90,8 +89,7 @@ class Node:
     def assemble(self, msg):
         pieces = M.pieces_from_records(msg.content[M.PIECES], msg.content[M.PIECE_META])
         assert all(p.signature_ok() for p in pieces)
-        return {M.METRICS: MetricRecord({"pieces-received": len(pieces)}),
-                M.INFO: ConfigRecord({"user": f"user{self.rng}"})}
+        return {M.METRICS: MetricRecord({"pieces-received": len(pieces)})}
 
 
 class Attacker(Node):
@@ -131,6 +129,11 @@ def settings(tmp_path, nodes, **kw) -> RunSettings:
     return RunSettings(**(base | kw))
 
 
+def node_of(report, node: Node) -> str | None:
+    """The node id the report names `node` by (sharers are keyed by node id, each row with its key id)."""
+    return next((nid for nid, row in report.sharers.items() if row.get("key-id") == node.key_id), None)
+
+
 def refusals(report, node: int) -> list[str]:
     return [line for line in report.refused if f"node {node}" in line]
 
@@ -141,8 +144,8 @@ def assert_round_complete(tmp_path, report, honest: list[Node]):
     with PiecePool(tmp_path / "run" / "pool") as pool:
         stored = {p.piece_id for p in pool.get([g[0] for s in pool.seeds() for g in pool.gates(s.seed_id)])}
         for node in honest:  # nothing acknowledged is lost
-            if f"user{node.rng}" in report.sharers:
-                assert report.sharers[f"user{node.rng}"]["accepted"] == 2
+            if node_of(report, node) is not None:
+                assert report.sharers[node_of(report, node)]["accepted"] == 2
                 assert {p.piece_id for p in node.pieces()} <= stored
         assert pool.verify() == []
     return metrics
@@ -184,7 +187,8 @@ def test_bad_profiles_are_refused_and_the_round_goes_on(tmp_path, tiny):
         assert line.startswith(f"profile: node {nid}: check {check}"), (name, line)
     assert any("node 30: error" in u and len(u) < 5000 for u in report.unanswered)
     assert any("node 31: no reply" in u for u in report.unanswered)
-    assert sorted(report.sharers) == ["user0", "user1", "user2"] and report.pool_pieces == 6
+    assert sorted(report.sharers) == ["10", "11", "12"] and report.pool_pieces == 6
+    assert [report.sharers[str(10 + i)]["key-id"] for i in range(3)] == [n.key_id for n in honest]
     assert_round_complete(tmp_path, report, honest)
 
 
@@ -194,14 +198,13 @@ def test_bad_profiles_are_refused_and_the_round_goes_on(tmp_path, tiny):
 def share_with(pieces_fn):
     def bad(node, msg):
         arrays, meta = M.pieces_to_records(pieces_fn(node))
-        return {M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: MetricRecord({}),
-                M.INFO: ConfigRecord({"user": f"user{node.rng}"})}
+        return {M.PIECES: arrays, M.PIECE_META: meta, M.METRICS: MetricRecord({})}
     return bad
 
 
-def raw_share(arrays: dict, meta, user="x"):
+def raw_share(arrays: dict, meta):
     return lambda node, msg: {M.PIECES: ArrayRecord(arrays), M.PIECE_META: ConfigRecord({"meta": meta}),
-                              M.METRICS: MetricRecord({}), M.INFO: ConfigRecord({"user": f"user{node.rng}"})}
+                              M.METRICS: MetricRecord({})}
 
 
 def petabyte_arrays(tiny):
@@ -240,10 +243,10 @@ def nan_piece(node):
 
 
 SHARE_ATTACKS = {  # name: (reply, the check named, the words of the reason)
-    "missing pieces record": (lambda n, m: {M.INFO: ConfigRecord({"user": "u"}), M.METRICS: MetricRecord({})},
+    "missing pieces record": (lambda n, m: {M.METRICS: MetricRecord({})},
                               "'record'", "no 'pieces' record"),
     "wrong record types": (lambda n, m: {M.PIECES: ConfigRecord({"a": 1}), M.PIECE_META: ArrayRecord({}),
-                                         M.INFO: ConfigRecord({"user": "u"}), M.METRICS: MetricRecord({})},
+                                         M.METRICS: MetricRecord({})},
                            "'record'", "expected a ArrayRecord"),
     "meta is text": (raw_share({}, "not a list"), "'decode'", "not a list"),
     "undecodable arrays": (raw_share({k: Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=b"junk")
@@ -287,7 +290,7 @@ def test_reply_bounds_and_the_contributor_quota(tmp_path, tiny):
     report = run_round(FakeGrid(nodes), s)
     (line,) = refusals(report, 2)
     assert "check 'bounds'" in line and "max-reply-pieces 3" in line
-    assert report.sharers["user0"]["accepted"] == 2
+    assert report.sharers["1"]["accepted"] == 2
     # the quota: a contributor with 2 pieces already gets no third, in a later round
     again = Attacker(tiny, "share", share_with(lambda n: honest.pieces() + [piece(tiny, honest.key, Q0, 77)]),
                      count=50, rng=0)
@@ -295,7 +298,7 @@ def test_reply_bounds_and_the_contributor_quota(tmp_path, tiny):
     report = run_round(FakeGrid({1: again}), replace(s, sharers=1, min_nodes=1))
     (line,) = refusals(report, 1)
     assert "check 'quota'" in line and "already holds 2 pieces" in line
-    assert report.sharers["user0"] == {"accepted": 2, "refused": 1}
+    assert report.sharers["1"] == {"key-id": honest.key_id, "accepted": 2, "refused": 1}
     # bytes: a reply over max-reply-bytes is refused before decoding
     report = run_round(FakeGrid({5: heavy}), replace(s, sharers=1, min_nodes=1, max_reply_bytes=100))
     (line,) = refusals(report, 5)
@@ -323,8 +326,8 @@ def test_bad_shortlists_and_assemblies_are_refused(tmp_path, tiny):
     newcomer = Node(tiny, count=1, rng=5)
     duplicates = Attacker(tiny, "gates", lambda n, m: {M.SHORTLIST: ConfigRecord(
         {"ids": Node.gates(n, m)[M.SHORTLIST]["ids"] * 3}), M.METRICS: MetricRecord({})}, count=1, rng=6)
-    no_info = Attacker(tiny, "assemble", lambda n, m: {M.METRICS: MetricRecord({"x": 1.0})}, count=1, rng=7)
-    nodes |= {40: newcomer, 41: duplicates, 42: no_info}
+    no_metrics = Attacker(tiny, "assemble", lambda n, m: {M.SHORTLIST: ConfigRecord({"ids": []})}, count=1, rng=7)
+    nodes |= {40: newcomer, 41: duplicates, 42: no_metrics}
     bad = {30 + i: Attacker(tiny, "gates", fn, count=1, rng=30 + i) for i, (fn, *_) in
            enumerate(SHORTLIST_ATTACKS.values())}
     nodes |= bad
@@ -335,10 +338,11 @@ def test_bad_shortlists_and_assemblies_are_refused(tmp_path, tiny):
         assert len(lines) == 1 and lines[0].startswith(f"gates: node {nid}: check {check}") and words in lines[0], \
             (name, lines)
     (line,) = refusals(report, 42)
-    assert line.startswith("assemble: node 42: check 'record'") and "'info'" in line
-    done = {row["user"]: row for row in report.newcomers}
-    assert sorted(done) == ["user5", "user6"]  # duplicates removed, not refused
-    assert done["user5"]["pieces-received"] == 2 and done["user6"]["pieces-received"] == 2
+    assert line.startswith("assemble: node 42: check 'record'") and "'metrics'" in line
+    done = {row["node"]: row for row in report.newcomers}
+    assert sorted(done) == [40, 41]  # duplicates removed, not refused
+    assert done[40]["pieces-received"] == 2 and done[41]["pieces-received"] == 2
+    assert [done[n]["key-id"] for n in (40, 41)] == [newcomer.key_id, duplicates.key_id]
     assert_round_complete(tmp_path, report, sharers)
 
 
@@ -367,10 +371,10 @@ def test_seed_names_the_catalog_does_not_list(tmp_path, tiny):
 
     catalog = tiny_catalog(tmp_path / "catalog")
 
-    def style(seed, ranking=("zappy", "formal"), user="u"):
+    def style(seed, ranking=("zappy", "formal")):
         return lambda n, m: {M.SELECTION: ConfigRecord({"seed": seed, "distance": 0.1, "reason": "r",
-                                                        "user": f"{user}{n.rng}", "ranking": list(ranking)}),
-                             M.METRICS: MetricRecord({})}
+                                                        "ranking": list(ranking)}),
+                             M.METRICS: MetricRecord({"seed": 7.0})}  # a metric never overwrites the row
 
     honest = [Attacker(tiny, "style", style("zappy"), count=50, rng=i) for i in range(2)]
     nodes = {1: honest[0], 2: honest[1],
@@ -385,7 +389,9 @@ def test_seed_names_the_catalog_does_not_list(tmp_path, tiny):
     for nid, check in ((3, "'seed'"), (4, "'seed'"), (5, "'record'")):
         (line,) = refusals(report, nid)
         assert line.startswith(f"style: node {nid}: check {check}"), line
-    assert sorted(report.selections) == ["u0", "u1"]
+    assert sorted(report.selections) == ["1", "2"]
+    assert [report.selections[n]["key-id"] for n in ("1", "2")] == [n.key_id for n in honest]
+    assert all(row["seed"] == "zappy" for row in report.selections.values())
     assert report.pool_by_seed.get("catalog:zappy") == 2  # stored in the pool of the seed each was asked for
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["error"] == ""
 

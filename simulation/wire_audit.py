@@ -1,0 +1,108 @@
+"""The message audit: what crossed the wire in a simulation, searched for what must never cross it.
+
+`auditing_server_app` is the coordinator's ServerApp with its Grid wrapped (`RecordingGrid`): every message the
+coordinator sends and every reply it receives, error replies included, is kept as the bytes Flower puts on the wire
+(its protobuf serialization) followed by a plain rendering of every config and metric value, JSON inside a text
+decoded again, so that nothing escapes the search by being escaped. `private_texts` lists what a virtual
+device must keep to itself: its user name, its folder's path, and every 20-character window of its history and
+held-out records; `leaks` finds any of them in what was recorded or written.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Message
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.server_app import run_round
+from coordinator.settings import RunSettings
+from simulation.user_data import UserData
+
+WINDOW = 20  # characters of a record that may never appear anywhere the coordinator sees
+
+
+def _plain(value) -> str:
+    """A config value as readable text; a text holding JSON (the catalog, piece metadata) decoded once more."""
+    if isinstance(value, list):
+        return "\n".join(_plain(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return value
+        return value + "\n" + json.dumps(decoded, ensure_ascii=False)
+    return str(value)
+
+
+def message_bytes(msg: Message) -> bytes:
+    """The message as it travels (Flower's protobuf), then every record's values as plain text."""
+    parts = [message_to_proto(msg).SerializeToString()]
+    if msg.has_error():
+        parts.append(str(msg.error.reason).encode())
+    if msg.has_content():
+        for name, record in msg.content.items():
+            if isinstance(record, ArrayRecord):
+                parts.extend(name.encode() + b"\n" + key.encode() + b"\n" + arr.data
+                             for key, arr in record.items())
+            else:
+                parts.append("\n".join(f"{name}.{k}: {_plain(v)}" for k, v in record.items()).encode())
+    return b"\n".join(parts)
+
+
+class RecordingGrid:
+    """A Grid that keeps every message sent and every reply received, as (direction, message type, bytes)."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.messages: list[tuple[str, str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *args, **kwargs) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, *args, **kwargs))
+        with self._lock:
+            self.messages += [("sent", m.metadata.message_type, message_bytes(m)) for m in messages]
+            self.messages += [("received", r.metadata.message_type, message_bytes(r)) for r in replies]
+        return replies
+
+
+def auditing_server_app(settings: RunSettings, grid_box: list) -> ServerApp:
+    """The coordinator's round over a RecordingGrid, which is appended to `grid_box` for the caller to read."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        recording = RecordingGrid(grid)
+        grid_box.append(recording)
+        run_round(recording, settings)
+
+    return server
+
+
+def private_texts(users: list[UserData], run_dir: Path, public: Iterable[str] = ()) -> set[str]:
+    """Each user's name and device folder, and every WINDOW-character window of its records' inputs and outputs,
+    less the windows that also occur in `public` texts (what the coordinator itself published, e.g. the catalog)."""
+    published = "\n".join(public)
+    found = set()
+    for pid, user in enumerate(users):
+        found |= {user.user, str((run_dir / "devices" / str(pid)).resolve())}
+        for rec in [*user.history, *user.test]:
+            for text in (rec.input, rec.output):
+                found |= {text[i:i + WINDOW] for i in range(len(text) - WINDOW + 1)}
+    return {t for t in found if t.strip() and t not in published}
+
+
+def leaks(blobs: dict[str, bytes], secrets: Iterable[str]) -> list[str]:
+    """'<where>: <secret>' for every secret found in a blob (named by where it came from)."""
+    encoded = [(s, s.encode()) for s in secrets]
+    return [f"{where}: {s!r}" for where, blob in blobs.items() for s, raw in encoded if raw in blob]

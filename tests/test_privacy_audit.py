@@ -1,0 +1,150 @@
+"""Pseudonyms: nothing that names a participant, points at its device or quotes its data reaches the coordinator.
+
+The audit runs a real Flower simulation (Ray, the tiny seed, a tiny catalog so that the seed choice is exchanged
+too) with a Grid that records every message in both directions, and searches every message, every file the
+coordinator wrote and the coordinator's log for each user's name, each device folder's path and every
+20-character window of each user's history and held-out records. One device's data is broken so that error
+replies are audited as well.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+from conftest import tiny_catalog
+from flwr.app import Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from participants.error_replies import DeviceError, plain_errors
+from participants.limits import LimitExceeded
+from protocols import messages as M
+from protocols.records import PersonalRecord, save_records
+from simulation.federation import prepare_devices, simulate_devices
+from simulation.settings import SimulateSettings
+from simulation.user_data import UserData
+from simulation.wire_audit import auditing_server_app, leaks, private_texts
+
+NAMES = ["Ottoline-Quarrington", "Bartholomew-Vexley", "Philippa-Zanzibar", "Evander-Mulgrave"]
+WORDS = ("lantern marzipan quixotic harbour velvet juniper obsidian tangerine walrus cobalt pergola saffron "
+         "zeppelin fjord mandolin turmeric gazebo archipelago").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def user(pid: int, name: str) -> UserData:
+    rng = random.Random(pid)
+    style = ["ZAP!", "Dear sir,", "ZAP!", "Dear sir,"][pid]
+    records = [PersonalRecord(name, f"what about the {sentence(rng, 4)}?", f"{style} {sentence(rng, 7)} {style}",
+                              id=f"{pid}-{i}") for i in range(8)]
+    return UserData(name, records[:6], records[6:])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
+    catalog = tiny_catalog(tmp_path / "catalog")
+    users = [user(pid, name) for pid, name in enumerate(NAMES)]
+    run_dir = tmp_path / "run"
+    settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=2, newcomers=1,
+                                lora_steps=2, gate_steps=1, lora_rank=4, lora_alpha=8, max_len=48, max_new_tokens=4,
+                                generate=False, timeout=300, sharer_selection="most-active", min_nodes=len(users),
+                                catalog=str(catalog.folder))
+    mapping = prepare_devices(users, run_dir, settings.rng_seed)
+    # the last device's data is broken in a way whose message names its user and its file
+    broken = users[-1].history[:2]
+    save_records([broken[0], PersonalRecord(NAMES[-1], broken[1].input, broken[1].output, id=broken[0].id)],
+                 run_dir / "devices" / "3" / "history.jsonl")
+
+    coordinator_log = io.StringIO()
+    handler = logging.StreamHandler(coordinator_log)
+    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    grids: list = []
+    try:
+        summary = simulate_devices(run_dir, mapping, settings, server_app=auditing_server_app(settings, grids))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+    # the round did all it should, so that every kind of message was audited
+    (grid,) = grids
+    kinds = {(direction, kind) for direction, kind, _ in grid.messages}
+    assert kinds == {(d, k) for d in ("sent", "received") for k in (M.STYLE, M.PROFILE, M.SHARE, M.GATES, M.ASSEMBLE)}
+    assert len(summary["sharers"]) == 2 and len(summary["newcomers"]) == 1 and summary["pool_pieces"] > 0
+    assert any("node" in line and "DataFormatError on the device" in line for line in summary["unanswered"])
+
+    secrets = private_texts(users, run_dir, public=[(catalog.folder / "catalog.json").read_text()])
+    assert len(secrets) > 1000 and set(NAMES) <= secrets
+    blobs = {f"{i}: {direction} {kind}": data for i, (direction, kind, data) in enumerate(grid.messages)}
+    skip = {"devices", "adapters", "devices.json", "summary.json"}  # the harness's side of the run folder
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.relative_to(run_dir).parts[0] not in skip:
+            blobs[str(path.relative_to(run_dir))] = path.read_bytes()
+    blobs["the coordinator's log"] = coordinator_log.getvalue().encode()
+    assert "metrics.json" in blobs and any(name.startswith("pool") for name in blobs)
+    assert "sharers" in coordinator_log.getvalue()  # the log was captured
+    assert leaks(blobs, secrets) == []
+    # and the search itself finds what it looks for
+    assert leaks({"a device file": (run_dir / "devices" / "0" / "history.jsonl").read_bytes()}, secrets)
+
+    # the harness's own summary names the users, joined by key id
+    assert {NAMES[0], NAMES[1], NAMES[2]} == set(summary["sharers"]) | {m["user"] for m in summary["newcomers"]}
+    assert json.loads((run_dir / "summary.json").read_text())["nodes"] == summary["nodes"]
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def test_an_error_reply_names_the_exception_type_and_a_refusal_its_limit(task_identity):
+    msg = Message(RecordDict(), dst_node_id=5, message_type=M.SHARE)
+
+    def fails(m, c):
+        raise ValueError("/home/ann/device/history.jsonl:3: duplicate id '7' of user 'ann'")
+
+    with pytest.raises(DeviceError) as err:
+        plain_errors(msg, None, fails)
+    assert str(err.value) == "train.share: ValueError on the device (its own log has the details)"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+    def refuses(m, c):
+        raise LimitExceeded("refused by this device's limits.json: lora-steps 900 > 300")
+
+    with pytest.raises(LimitExceeded, match="lora-steps 900 > 300"):
+        plain_errors(msg, None, refuses)
+    assert plain_errors(msg, None, lambda m, c: "the reply") == "the reply"
+
+
+def test_the_harness_joins_node_ids_with_its_users_by_key_id_and_prints_them():
+    from rich.console import Console
+
+    from simulation.federation import summarize
+    from simulation.summary import print_summary
+
+    share = {"lora-loss-first": 2.0, "lora-loss-last": 1.0, "lora-seconds": 1.0, "gate-seconds": 1.0,
+             "pieces-shared": 4, "accepted": 4}
+    metrics = {"sharers": {"11": {"key-id": "aa"} | share, "12": {"key-id": "bb"} | share},
+               "selections": {"11": {"key-id": "aa", "seed": "zappy", "distance": 0.1, "reason": "r"},
+                              "13": {"seed": "base", "distance": 0.5, "reason": "r"}},  # no profile: no key id
+               "newcomers": [{"node": 14, "key-id": "dd", "seed": "tiny-random", "history-size": 8}],
+               "refused": [], "unanswered": ["profile: node 13: no reply within 1 s"], "pool_pieces": 8}
+    summary = summarize(metrics, {"aa": "Ottoline", "bb": "Bartholomew", "dd": "Evander"})
+    assert summary["sharers"]["Ottoline"] == {"node": 11, "key-id": "aa"} | share
+    assert sorted(summary["selections"]) == ["Ottoline", "node 13"]
+    assert summary["newcomers"] == [{"user": "Evander"} | metrics["newcomers"][0]]
+    assert summary["nodes"] == {"11": "Ottoline", "12": "Bartholomew", "13": "node 13", "14": "Evander"}
+    assert summary["unanswered"] == metrics["unanswered"] and summary["pool_pieces"] == 8
+    out = io.StringIO()
+    print_summary(summary, Path("run"), Console(file=out, width=200))
+    assert all(name in out.getvalue() for name in ("Ottoline", "Bartholomew", "Evander"))
