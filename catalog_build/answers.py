@@ -11,12 +11,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from catalog_build.layout import ANSWERS_FILE, write_json
+from catalog_build.layout import ANSWERS_FILE
 from catalog_build.settings import SeedJob
 from participants.evaluation import generate
 from participants.progress import log, progress
 from participants.seed_loading import forget_seed, load_seed
 from protocols.catalog import SEEDS_DIR
+from protocols.files import write_json
 from protocols.records import PersonalRecord
 from protocols.seeds import SeedDescriptor, materialize
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog_build.layout import ANSWERS_FILE, BASIS_FILE, CORPUS_FILE, PROPOSALS_FILE, write_json
+from catalog_build.layout import ANSWERS_FILE, BASIS_FILE, CORPUS_FILE, PROPOSALS_FILE
 from catalog_build.settings import ExplainSettings, SeedJob
 from participants.chat_data import clip_to_tokens
 from participants.evaluation import generate
@@ -27,8 +27,15 @@ from participants.style_direction import STYLE_INSTRUCTION
 from participants.word_proposal import propose_words, proposed_vocabulary
 from protocols.attribute_words import text_basis
 from protocols.catalog import SEEDS_DIR, Catalog, CatalogEntry
-from protocols.explanations import (AttributeBasis, Embed, decompose, difference_direction, noise_scale,
-                                    paired_differences)
+from protocols.explanations import (
+    AttributeBasis,
+    Embed,
+    decompose,
+    difference_direction,
+    noise_scale,
+    paired_differences,
+)
+from protocols.files import write_json
 from protocols.records import PersonalRecord
 from protocols.seeds import DELTA_DIR, SeedDescriptor, read_seed_file
 

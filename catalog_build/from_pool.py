@@ -15,15 +15,21 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from catalog_build.build import build_catalog, plain_base
-from catalog_build.layout import write_json
 from catalog_build.settings import ExplainSettings, SeedJob
 from coordinator.explain_seed import minilm_embed
 from coordinator.pool import PiecePool
-from coordinator.pool_merging import (cluster_contributors, contributor_sketches, group_by_contributor, mean_delta,
-                                      pool_root, pool_seed)
+from coordinator.pool_merging import (
+    cluster_contributors,
+    contributor_sketches,
+    group_by_contributor,
+    mean_delta,
+    pool_root,
+    pool_seed,
+)
 from coordinator.service import CONTRIBUTORS_FILE
 from protocols.catalog import SEEDS_DIR, Catalog
 from protocols.explanations import Embed
+from protocols.files import write_json
 from protocols.pieces import Piece
 
 MIN_CONTRIBUTORS = 5

@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from participants.adapters import save_peft_adapter
@@ -28,12 +26,6 @@ RETRAINED_FILE = "retrained.json"
 RETRAINING_DIR = "retraining"
 BASIS_FILE = "basis_answers.json"
 CORPUS_FILE = "corpus_answers.json"
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def write_seed(folder: Path, name: str, base: SeedDescriptor, weights: LoraWeights, rank: int, alpha: float,

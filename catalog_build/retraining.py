@@ -17,11 +17,12 @@ from pathlib import Path
 
 from catalog_build.answers import answer_base, answer_seed
 from catalog_build.explaining import explain_catalog
-from catalog_build.layout import RETRAINED_FILE, RETRAINING_DIR, write_json, write_seed
+from catalog_build.layout import RETRAINED_FILE, RETRAINING_DIR, write_seed
 from catalog_build.settings import ExplainSettings, SeedJob
 from participants.progress import log
 from protocols.catalog import SEEDS_DIR, Catalog, CatalogEntry
 from protocols.explanations import Embed, Explanation
+from protocols.files import write_json
 from protocols.records import PersonalRecord
 from protocols.seeds import SeedDescriptor
 

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 from catalog_build.answers import kept_answers, stored_answers
-from catalog_build.layout import ANSWERS_FILE, BUILD_FILE, write_json
+from catalog_build.layout import ANSWERS_FILE, BUILD_FILE
 from catalog_build.settings import SeedJob
 from participants.progress import log
 from protocols.catalog import CATALOG_FILE, SEEDS_DIR, load_catalog
+from protocols.files import write_json
 from protocols.seeds import SEED_FILE, materialize, read_seed_file
 
 _EXPLAIN_KEYS = frozenset({"explain", "words", "basis"})  # "words"/"basis": build.json of earlier versions

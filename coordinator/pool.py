@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ import numpy as np
 from safetensors import safe_open
 
 from coordinator.validation import PieceRejected, RegisteredSeed, ValidationPolicy, validate
+from protocols.files import write_atomic
 from protocols.piece_bounds import PieceBounds, nonfinite_problem, size_problem
 from protocols.pieces import Piece, PieceFormatError, lora_delta_norm
 
@@ -314,16 +313,7 @@ class PiecePool:
         """Write to a temp file beside the target and rename it into place: readers never see half a blob."""
         target = self._blob_path(piece_id)
         target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{piece_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, data)
 
 
 def _seed_from_row(row: tuple[str, str, str]) -> RegisteredSeed:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.pool import PiecePool
 from coordinator.tls import check_operator_files, make_ca_and_server
+from protocols.files import write_atomic
 from protocols.withdrawal import parse_withdrawal
 
 CONNECTION = "bouquet"
@@ -42,21 +43,6 @@ FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_U
 CONTRIBUTORS_FILE = "contributors.json"  # beside a pool-built seed's seed.json: the key ids it was made from
 FINISHED = "finished:"
 COMPLETED = "finished:completed"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

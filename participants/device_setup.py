@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from participants.device import Device
 from participants.limits import LIMITS_FILE, DeviceLimits
 from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
+from protocols.files import write_atomic
 from protocols.identity import key_id, public_bytes
 from protocols.records import load_records
 from protocols.withdrawal import make_withdrawal
@@ -37,22 +38,6 @@ class DeviceSetup:
     test: int
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a new temp file beside `path` (created with `mode`), fsync, rename into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def supernode_key(device: Device) -> ec.EllipticCurvePrivateKey:
     """The device's SuperNode key, created (EC P-384, OpenSSH private format, 0600) when missing."""
     path = device.supernode_key_path
@@ -62,16 +47,16 @@ def supernode_key(device: Device) -> ec.EllipticCurvePrivateKey:
             raise ValueError(f"{path}: not an EC key; flower-supernode needs an EC key on a NIST curve")
     else:
         key = ec.generate_private_key(ec.SECP384R1())
-        write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                               serialization.NoEncryption()))
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    write_private(device.supernode_pub_path, pub + b"\n", 0o644)
+    write_atomic(device.supernode_pub_path, pub + b"\n", 0o644)
     return key
 
 
 def _records_file(source: str | Path, target: Path) -> int:
     records = load_records(source)  # refuses a malformed file as a whole, naming the line
-    write_private(target, "".join(r.to_json() + "\n" for r in records).encode("utf-8"))
+    write_atomic(target, "".join(r.to_json() + "\n" for r in records).encode("utf-8"))
     return len(records)
 
 
@@ -86,12 +71,12 @@ def init_device(root: str | Path, data: str | Path, test: str | Path | None = No
     node_key = supernode_key(device)
     limits = device.root / LIMITS_FILE
     if not limits.exists():
-        write_private(limits, DeviceLimits().to_json().encode())
+        write_atomic(limits, DeviceLimits().to_json().encode())
     else:
         DeviceLimits.load(limits)  # an edited file must still read
     policy = device.root / POLICY_FILE
     if not policy.exists():
-        write_private(policy, PrivacyPolicy().to_json().encode())
+        write_atomic(policy, PrivacyPolicy().to_json().encode())
     else:
         PrivacyPolicy.load(policy)  # an edited policy must still read: the owner's choices are kept
     device.flwr_home.mkdir(mode=0o700, exist_ok=True)

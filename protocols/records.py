@@ -13,13 +13,12 @@ duplicate keys or (user, id) pairs, and lines or files over the limits of `Recor
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from protocols.files import write_atomic
 from protocols.settings import setting
 
 REQUIRED = ("user", "input", "output")
@@ -156,17 +155,7 @@ def save_records(records: Iterable[PersonalRecord], path: str | Path) -> None:
     any failure the temp file is removed and the target is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(rec.to_json() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(rec.to_json() + "\n" for rec in records).encode("utf-8"))
 
 
 def group_by_user(records: Iterable[PersonalRecord]) -> dict[str, list[PersonalRecord]]:

@@ -286,9 +286,10 @@ def cmd_device_start(args) -> int:
 
 
 def cmd_device_withdraw(args) -> int:
-    from participants.device_setup import withdrawal_request, write_private
+    from participants.device_setup import withdrawal_request
+    from protocols.files import write_atomic
 
     out = Path(args.out).expanduser()
-    write_private(out, withdrawal_request(args.dir).encode())
+    write_atomic(out, withdrawal_request(args.dir).encode())
     print(f"wrote {out}: give it to the coordinator's operator (`bouquet coordinator withdraw DIR {out.name}`)")
     return 0

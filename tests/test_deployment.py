@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.pool import PiecePool
-from coordinator.service import CONTRIBUTORS_FILE, CoordinatorHome, apply_withdrawal, init_coordinator, round_config
+from coordinator.service import CONTRIBUTORS_FILE, apply_withdrawal, init_coordinator, round_config
 from coordinator.tls import certificate_names, check_operator_files, make_ca_and_server
 from participants.device import Device
 from participants.device_setup import init_device, supernode_command, withdrawal_request

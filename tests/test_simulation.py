@@ -1,7 +1,6 @@
 """A real Flower simulation (Ray) on the tiny seed: the whole loop, with one broken participant."""
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import tiny_catalog

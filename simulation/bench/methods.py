@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,8 @@ from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
 from simulation.bench.settings import BenchSettings
 from simulation.bench.sharers import share_seed
-from simulation.user_data import UserData
 from simulation.fidelity import FidelityJudge
+from simulation.user_data import UserData
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray]]
 BASE = "base"  # the label of --seed-model in selections and rows

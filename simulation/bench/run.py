@@ -34,8 +34,8 @@ from simulation.bench.settings import METHODS, BenchSettings, check_run_dir
 from simulation.bench.sharers import device_pieces, prepare_sharers
 from simulation.bench.sweeps import sweep_point, sweep_values
 from simulation.bench.users import split_users
-from simulation.user_data import UserData
 from simulation.fidelity import FidelityJudge
+from simulation.user_data import UserData
 
 
 def token_clip(tokenizer, max_tokens: int):

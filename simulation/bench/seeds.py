@@ -17,11 +17,11 @@ from participants.progress import log, progress
 from participants.seed_loading import LoadedSeed
 from participants.style_direction import choose_from_catalog
 from protocols.catalog import Catalog, load_catalog
+from protocols.files import write_json
 from protocols.seeds import materialize
 from simulation.bench.methods import BASE
 from simulation.bench.settings import BenchSettings
 from simulation.user_data import UserData
-from simulation.jsonfiles import write_json
 
 
 def open_catalog(s: BenchSettings) -> Catalog | None:

@@ -16,10 +16,10 @@ from coordinator.pool import PiecePool
 from participants.progress import log, progress
 from participants.seed_loading import LoadedSeed
 from participants.sharing import train_and_share
+from protocols.files import write_json
 from protocols.pieces import Piece
 from simulation.bench.settings import BenchSettings
 from simulation.user_data import UserData
-from simulation.jsonfiles import write_json
 
 
 def sharer_key(s: BenchSettings, user: str) -> Ed25519PrivateKey:

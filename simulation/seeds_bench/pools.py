@@ -25,7 +25,7 @@ from participants.seed_loading import load_seed
 from participants.sharing import train_and_share
 from participants.style_direction import choose_from_catalog
 from protocols.catalog import Catalog
-from simulation.jsonfiles import write_json
+from protocols.files import write_json
 from simulation.seeds_bench.settings import SeedBenchSettings
 from simulation.seeds_bench.state import catalog_fingerprint
 from simulation.seeds_bench.users import bench_users, style_seeds

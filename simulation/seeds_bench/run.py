@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from protocols.catalog import load_catalog
-from simulation.jsonfiles import write_json
+from protocols.files import write_json
 from simulation.seeds_bench.accuracy import accuracy
 from simulation.seeds_bench.plots import write_plots
 from simulation.seeds_bench.pools import pools

@@ -17,7 +17,7 @@ from participants.progress import progress
 from participants.seed_loading import forget_seed, load_seed
 from participants.seed_search import mean_loss, record_losses
 from protocols.catalog import Catalog
-from simulation.jsonfiles import write_json
+from protocols.files import write_json
 from simulation.seeds_bench.settings import SeedBenchSettings
 from simulation.seeds_bench.users import bench_users, style_seeds
 from simulation.user_data import UserData
