@@ -43,7 +43,7 @@ def difference_direction(own_texts: list[str], reference_texts: list[str]) -> np
 
 
 def attribute_basis(seed: LoadedSeed, probes: list[str], words: Sequence[str] = explanations.STYLE_WORDS,
-                    max_new_tokens: int = 48, batch_size: int = 8) -> AttributeBasis:
+                    *, max_new_tokens: int, batch_size: int = 8) -> AttributeBasis:
     """Per word w: the difference between the model's answers to "Answer in a w style." + probe and its plain
     answers, the same difference that explains a seed, so that seeds and users are written in one basis."""
     prompts = [f"{STYLE_INSTRUCTION.format(word=w)}\n\n{p}" for w in words for p in probes] + list(probes)
@@ -60,16 +60,16 @@ def attribute_basis(seed: LoadedSeed, probes: list[str], words: Sequence[str] = 
 
 
 def own_style(seed: LoadedSeed, records: list[PersonalRecord], basis: AttributeBasis,
-              max_new_tokens: int = 48) -> Explanation:
+              *, max_new_tokens: int) -> Explanation:
     """The participant's style: its own answers against the base model's answers to the same inputs.
 
     Own answers are cut to the same `max_new_tokens` tokens that the base answers (and the seeds' probe
     answers) get, so that a difference in length cut-off does not pass for a difference in style.
     """
-    return decompose(own_direction(seed, records, max_new_tokens), basis)
+    return decompose(own_direction(seed, records, max_new_tokens=max_new_tokens), basis)
 
 
-def own_direction(seed: LoadedSeed, records: list[PersonalRecord], max_new_tokens: int = 48) -> np.ndarray:
+def own_direction(seed: LoadedSeed, records: list[PersonalRecord], *, max_new_tokens: int) -> np.ndarray:
     """The difference between the own answers (cut to `max_new_tokens`) and the base's, in MiniLM space."""
     base_answers = generate(seed, records, max_new_tokens=max_new_tokens)
     own = [clip_to_tokens(seed.tokenizer, r.output, max_new_tokens) for r in records]
