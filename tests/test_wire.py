@@ -349,7 +349,7 @@ def test_bad_shortlists_and_assemblies_are_refused(tmp_path, tiny):
 def test_a_missing_or_corrupt_blob_is_skipped_and_reported(tmp_path, tiny):
     sharers = [Node(tiny, count=50, rng=i) for i in range(2)]
     with PiecePool(tmp_path / "run" / "pool") as pool:
-        from coordinator.server_app import register_seed
+        from coordinator.round import register_seed
 
         register_seed(pool, TINY)
         ids, _ = pool.add_many(sharers[0].pieces() + sharers[1].pieces())
