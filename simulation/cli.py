@@ -64,6 +64,11 @@ def cmd_simulate(args) -> int:
     from simulation.summary import print_summary
 
     s = settings_from(args, SimulateSettings)
+    try:
+        policy = s.device_policy()  # a bad --policy file or flag stops here, before any work
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     _local_model(s.seed_model)
     wanted = s.sharers + s.newcomers
     users = load_users(s.data, history_size=s.history, test_size=s.test, max_users=s.users, seed=s.rng_seed)
@@ -79,7 +84,7 @@ def cmd_simulate(args) -> int:
     if args.prepare_only:
         from simulation.federation import prepare_devices
 
-        prepare_devices(users, out, s.rng_seed)
+        prepare_devices(users, out, s.rng_seed, policy)
         print(f"{len(users)} devices written to {out / 'devices'}")
         return 0
     if s.catalog:
