@@ -32,6 +32,9 @@ class SimulateSettings(RunSettings, UserSettings):
     cpus_per_client: float = setting(1.0, "CPUs Ray reserves per virtual participant", low=0, low_open=True)
     gpus_per_client: float = setting(0.0, "GPUs Ray reserves per virtual participant", low=0)
     ray_address: str = setting("", "join a running Ray cluster instead of starting one (e.g. auto)")
+    audit_wire: bool = setting(False, "record every message in both directions and search them, the coordinator's "
+                                      "files and its log for each user's name, device path and every 20 characters "
+                                      "of its records; the result in OUT-DIR/wire-audit.json")
     # every virtual device's privacy policy (participants.privacy_policy): the defaults, a file, then these flags
     policy: str = setting("", "a policy.json that every virtual device uses (default: the safe defaults); its "
                               "randomness is pinned from --rng-seed unless the file pins it")

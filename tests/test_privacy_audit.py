@@ -27,7 +27,7 @@ from protocols.records import PersonalRecord, save_records
 from simulation.federation import prepare_devices, simulate_devices
 from simulation.settings import SimulateSettings
 from simulation.user_data import UserData
-from simulation.wire_audit import auditing_server_app, leaks, private_texts
+from simulation.wire_audit import auditing_server_app, coordinator_blobs, leaks, private_texts
 
 NAMES = ["Ottoline-Quarrington", "Bartholomew-Vexley", "Philippa-Zanzibar", "Evander-Mulgrave"]
 WORDS = ("lantern marzipan quixotic harbour velvet juniper obsidian tangerine walrus cobalt pergola saffron "
@@ -83,12 +83,8 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
 
     secrets = private_texts(users, run_dir, public=[(catalog.folder / "catalog.json").read_text()])
     assert len(secrets) > 1000 and set(NAMES) <= secrets
-    blobs = {f"{i}: {direction} {kind}": data for i, (direction, kind, data) in enumerate(grid.messages)}
-    skip = {"devices", "adapters", "devices.json", "summary.json"}  # the harness's side of the run folder
-    for path in run_dir.rglob("*"):
-        if path.is_file() and path.relative_to(run_dir).parts[0] not in skip:
-            blobs[str(path.relative_to(run_dir))] = path.read_bytes()
-    blobs["the coordinator's log"] = coordinator_log.getvalue().encode()
+    blobs = coordinator_blobs(run_dir, grid, coordinator_log.getvalue())
+    assert sum(name.startswith("message ") for name in blobs) == len(grid.messages) > 0
     assert "metrics.json" in blobs and any(name.startswith("pool") for name in blobs)
     assert "sharers" in coordinator_log.getvalue()  # the log was captured
     assert leaks(blobs, secrets) == []
