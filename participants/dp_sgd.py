@@ -67,6 +67,7 @@ class DpPlan:
     delta: float
     epsilon: float  # what the accountant gives for all the steps: at most the policy's
     generator: torch.Generator  # the sampling and the noise: the OS's randomness unless pinned
+    freeze_a: bool = False  # train B only (FFA-LoRA), A kept at its random initialisation
 
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
