@@ -70,9 +70,6 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         layers = _lora_layers(model)
         if init is not None:
             _load_weights(layers, init, settings.rank, seed.device)
-        if dp is not None and dp.freeze_a:
-            for layer in layers.values():  # FFA-LoRA: B alone learns, over A's fixed random projection
-                layer.lora_A["default"].weight.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))

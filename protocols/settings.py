@@ -117,6 +117,8 @@ class ParticipantSettings:
     lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / r)", low=0, low_open=True)
     lora_steps: int = setting(30, "private LoRA training steps", low=1)
     lora_lr: float = setting(1e-3, "private LoRA learning rate", low=0, low_open=True)
+    dp_lora_lr: float = setting(1e-2, "the private LoRA's learning rate on a device whose policy trains it by "
+                                      "DP-SGD (piece-epsilon): the noise needs a larger step", low=0, low_open=True)
     gate_steps: int = setting(30, "gate training steps per sharer (0: gates stay at zero)", low=0)
     gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)
     batch_size: int = setting(4, "training batch size", low=1)
