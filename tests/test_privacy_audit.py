@@ -171,3 +171,18 @@ def test_the_harness_joins_node_ids_with_its_users_by_key_id_and_prints_them():
     out = io.StringIO()
     print_summary(summary, Path("run"), Console(file=out, width=200))
     assert all(name in out.getvalue() for name in ("Ottoline", "Bartholomew", "Evander"))
+
+
+def test_the_leak_search_finds_every_secret_wherever_it_lies(monkeypatch):
+    import simulation.wire_audit as wire_audit
+
+    monkeypatch.setattr(wire_audit, "_CHUNK", 64)  # many chunks, so that secrets straddle their edges
+    rng = random.Random(0)
+    names = ["Ottoline", "ünïcode wïndow of twenty+ chars"]  # shorter and longer than a window, in bytes
+    windows = {sentence(rng, 4)[:20] for _ in range(300)}
+    secrets = windows | set(names)
+    chosen = sorted(windows)[:5] + names
+    noise = bytes(rng.randrange(256) for _ in range(5000))
+    blob = b"".join(noise[i * 700:(i + 1) * 700] + s.encode() for i, s in enumerate(chosen))
+    found = wire_audit.leaks({"blob": blob, "clean": noise}, secrets)
+    assert sorted(found) == sorted(f"blob: {s!r}" for s in chosen)
