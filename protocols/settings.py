@@ -119,12 +119,19 @@ class ParticipantSettings:
     lora_lr: float = setting(1e-3, "private LoRA learning rate", low=0, low_open=True)
     gate_steps: int = setting(30, "gate training steps per sharer (0: gates stay at zero)", low=0)
     gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)
+    gate_objective: str = setting("lm", "what a gate learns: lm (the LoRA's own loss through a sigmoid input "
+                                        "gate, as Per-Pcs) or contrast (the sharer's answers against the seed's "
+                                        "answers to the same prompts; forward passes only)",
+                                  choices=("lm", "contrast"))
     batch_size: int = setting(4, "training batch size", low=1)
     max_len: int = setting(96, "tokens per training, assembly and evaluation sequence", low=8)
     share_ratio: float = setting(1.0, "the fraction of its pieces a sharer sends to the pool", low=0, high=1,
                                  low_open=True)
     top_k: int = setting(3, "pieces mixed per position", low=1)
     temperature: float = setting(1.0, "softmax temperature of the mix", low=0, low_open=True)
+    mix: str = setting("ab", "how the chosen pieces of a position mix: ab (A and B averaged separately, as "
+                             "Per-Pcs; cross terms B_i A_j that no sharer trained) or dw (the updates B A averaged, "
+                             "kept exactly at rank top-k x lora-rank)", choices=("ab", "dw"))
     shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
                              low=1)
     assembly_batch_size: int = setting(8, "history items per assembly forward pass", low=1)
