@@ -8,7 +8,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_assembly import Q0, make_piece
 
 from participants.assembly import AssemblySettings, assemble, random_assembly
-from participants.contrast_gates import answer_features, fit_gate_directions, train_contrast_gates
+from participants.feature_gates import (answer_features, fit_gate_directions, train_centroid_gates,
+                                        train_contrast_gates)
 from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
 from simulation.bench.gate_check import own_piece_ranks, summarise_gates
@@ -102,3 +103,36 @@ def test_dw_mixing_is_the_weighted_sum_of_the_updates(tiny_seed, make_records):
     (choice,) = drawn.choices
     want = sum(w * (by_id[i].B * by_id[i].scaling) @ by_id[i].A for i, w in choice[Q0])
     np.testing.assert_allclose(drawn.weights[Q0][1] @ drawn.weights[Q0][0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_centroid_gates_are_the_mean_answer_feature(tiny_seed, make_records):
+    own = make_records("a", "ZAP!", 5)
+    gates, report = train_centroid_gates(tiny_seed, own, [Q0], max_len=48)
+    f, tokens = _features(tiny_seed, own)
+    np.testing.assert_allclose(gates[Q0], f.mean(0).numpy(), rtol=1e-6)
+    assert report.tokens == tokens > 0
+
+
+def test_the_gate_phase_is_skipped_when_the_shortlist_keeps_everything_and_can_use_fewer_records(make_records):
+    from participants.newcomer import gate_phase_records
+
+    history = make_records("n", "ZAP", 10)
+    gates = [(f"p{i}", Q0, 4, np.zeros(64)) for i in range(4)]
+    assert gate_phase_records(history, gates, ParticipantSettings(shortlist=4)) == []
+    assert gate_phase_records(history, gates, ParticipantSettings(shortlist=3)) == history
+    assert gate_phase_records(history, gates, ParticipantSettings(shortlist=3, gate_records=4)) == history[-4:]
+
+
+def test_tuned_oppu_picks_its_lr_and_steps_on_held_out_history(tiny_seed, make_records):
+    from participants.lora_training import LoraSettings
+    from simulation.bench.oppu_tuning import tune_private_lora
+
+    base = LoraSettings(rank=4, alpha=8.0, steps=6, lr=1e-3, batch_size=2, max_len=48)
+    tuned = tune_private_lora(tiny_seed, make_records("a", "ZAP!", 8), base)
+    assert sorted(tuned.curves) == sorted(f"{lr:g}" for lr in (1e-3 / 3, 1e-3, 3e-3))
+    assert all([s for s, _ in c] == [2, 4, 6, 8, 10, 12] for c in tuned.curves.values())  # every third, to 2x
+    best = min(p for c in tuned.curves.values() for _, p in c)
+    assert dict(tuned.curves[f"{tuned.lr:g}"])[tuned.steps] == best
+    assert len(tuned.report.losses) == tuned.steps and tuned.tuning_tokens > tuned.report.tokens
+    with pytest.raises(ValueError, match="at least 4"):
+        tune_private_lora(tiny_seed, make_records("a", "ZAP!", 3), base)

@@ -15,7 +15,7 @@ from coordinator.settings import RunSettings
 from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings, is_styleqa
 
-METHODS = ("seed", "oppu", "retrieval", "random", "perpcs", "perpcs+ft")
+METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "random", "perpcs", "perpcs+ft")
 FOLD_METHODS = ("seed", "oppu", "retrieval", "random", "perpcs")  # the medium preset leaves out perpcs+ft
 SWEEPS = ("share-ratio", "top-k", "sharers", "history")  # named by the setting each changes
 # Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
@@ -32,9 +32,11 @@ PRESETS: dict[str, dict[str, dict]] = {
     # Sized for at most 2 hours on 2 CPU cores.
     "medium": {
         "styleqa": {"rotate": True, "sharers": 17, "targets": 18, "history": 16, "test": 6, "lora_steps": 20,
-                    "gate_steps": 10, "max_len": 128, "max_new_tokens": 40, "methods": FOLD_METHODS},
+                    "gate_steps": 10, "max_len": 128, "max_new_tokens": 40, "gate_records": 6,
+                    "methods": FOLD_METHODS},
         "other": {"rotate": True, "sharers": 15, "targets": 16, "history": 16, "test": 12, "lora_steps": 30,
-                  "gate_steps": 20, "max_len": 96, "max_new_tokens": 32, "methods": FOLD_METHODS},
+                  "gate_steps": 20, "max_len": 96, "max_new_tokens": 32, "gate_records": 6,
+                  "methods": FOLD_METHODS},
     },
 }
 

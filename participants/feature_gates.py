@@ -1,12 +1,14 @@
-"""Contrastive gates: a gate that points from generic text towards its own sharer's writing.
+"""Gates as directions in the space of answer features, learned in forward passes only.
 
 A newcomer scores a piece by score = f · LN(g) / sqrt(d), f being the mean over answer-predicting tokens of
 LN(x), x the module's input (participants.assembly). The score is linear in f, so a gate is a direction in the
-space of these answer features, and what makes it useful is that it separates this sharer's answers from
-answers anyone would give. The sharer has only its own data, but it can ask the seed to answer its own prompts:
-those answers are the generic text. The gate starts at the difference of the two feature means and is refined by
-logistic regression (own answers against the seed's), on the bare seed, in forward passes only: no backward pass
-through the model.
+space of these answer features, and what makes it useful is that it points at this sharer's writing. Two ways to
+find it from the sharer's own data alone, on the bare seed, without a backward pass through the model:
+
+    centroid   g = the mean of the sharer's own answer features: the newcomer's score is then how close its
+               answers sit to the sharer's, layer by layer
+    contrast   the sharer's answers against the seed's answers to the same prompts (generic text): g starts at
+               the difference of the two means and is refined by logistic regression
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ def fit_gate_directions(own: dict[str, torch.Tensor], generic: dict[str, torch.T
                 opt.step()
         out[pos] = g.detach().float().cpu().numpy()
     return out
+
+
+def train_centroid_gates(seed: LoadedSeed, records: list[PersonalRecord], positions, *, max_len: int,
+                         desc: str = "centroid gates") -> tuple[dict[str, np.ndarray], TrainReport]:
+    """One gate per position: the mean answer feature of the sharer's own records."""
+    report = TrainReport()
+    start = time.perf_counter()
+    with progress(1, desc) as bar:
+        own, report.tokens = answer_features(seed, records, positions, max_len)
+        bar.update()
+    report.seconds = time.perf_counter() - start
+    return {pos: f.mean(0).float().cpu().numpy() for pos, f in own.items()}, report
 
 
 def train_contrast_gates(seed: LoadedSeed, records: list[PersonalRecord], positions, *, steps: int, lr: float,
