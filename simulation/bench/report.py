@@ -198,7 +198,10 @@ NOTES = ("Means over the targets. Cost counts the method's own work, not the eva
 def _markdown(report: dict) -> str:
     s, sharers = report["settings"], report["sharers"].values()
     run = (f"{len(report['sharers'])} sharers, {len(report['targets_users'])} targets · history {s['history']}, "
-           f"test {s['test']} · LoRA rank {s['lora_rank']}, {s['lora_steps']} steps, gates {s['gate_steps']} steps, "
+           f"test {s['test']} · LoRA rank {s['lora_rank']}, {s['lora_steps']} steps, "
+           f"gates {s.get('gate_objective', 'lm')}"
+           f"{'' if s.get('gate_objective', 'lm') == 'centroid' else ' ' + str(s['gate_steps']) + ' steps'}, "
+           f"mix {s.get('mix', 'ab')}, "
            f"fine-tune {s['ft_steps']} steps · share ratio {s['share_ratio']}, top-k {s['top_k']}, shortlist {s['shortlist']} · "
            f"rng seed {s['rng_seed']}")
     sharer_cost = (f"Sharers (once for all targets, mean of {len(report['sharers'])}): upload "
