@@ -121,14 +121,24 @@ class ParticipantSettings:
                                       "DP-SGD (piece-epsilon): the noise needs a larger step", low=0, low_open=True)
     gate_steps: int = setting(30, "gate training steps per sharer (0: gates stay at zero)", low=0)
     gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)
+    gate_objective: str = setting("lm", "what a gate learns: lm (the LoRA's own loss through a sigmoid input "
+                                        "gate, as Per-Pcs), centroid (the mean of the sharer's own answer features) "
+                                        "or contrast (its answers against the seed's answers to the same prompts); "
+                                        "the last two in forward passes only",
+                                  choices=("lm", "centroid", "contrast"))
     batch_size: int = setting(4, "training batch size", low=1)
     max_len: int = setting(96, "tokens per training, assembly and evaluation sequence", low=8)
     share_ratio: float = setting(1.0, "the fraction of its pieces a sharer sends to the pool", low=0, high=1,
                                  low_open=True)
     top_k: int = setting(3, "pieces mixed per position", low=1)
     temperature: float = setting(1.0, "softmax temperature of the mix", low=0, low_open=True)
+    mix: str = setting("ab", "how the chosen pieces of a position mix: ab (A and B averaged separately, as "
+                             "Per-Pcs; cross terms B_i A_j that no sharer trained) or dw (the updates B A averaged, "
+                             "kept exactly at rank top-k x lora-rank)", choices=("ab", "dw"))
     shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
                              low=1)
+    gate_records: int = setting(0, "history items a newcomer scores the pool's gates on before choosing what to "
+                                   "download (its last ones; 0: all)", low=0)
     assembly_batch_size: int = setting(8, "history items per assembly forward pass", low=1)
     max_new_tokens: int = setting(40, "greedy generation length when evaluating", low=1)
     generate: bool = setting(True, "evaluate greedy generations (ROUGE) besides perplexity")

@@ -149,7 +149,7 @@ def _add_bench(sub) -> None:
                                                          "(default %(default)s)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults sized for 2 CPU cores and SmolLM2 (under 30 min); explicit flags override them")
-    add_settings_flags(p, BenchSettings, skip=("generate", "max_seed_distance",
+    add_settings_flags(p, BenchSettings, skip=("max_seed_distance",
                                                "assembly_batch_size"), preset=True)
     p.set_defaults(func=cmd_bench)
 

@@ -26,11 +26,12 @@ from participants.progress import log, progress
 from participants.seed_loading import LoadedSeed, forget_seed, is_loaded, load_seed
 from protocols.pieces import Piece
 from protocols.seeds import materialize
+from simulation.bench.gate_check import check_gates, pieces_by_sharer
 from simulation.bench.methods import BASE, RUNNERS, Bench, quality
 from simulation.bench.report import write_report
 from simulation.bench.results import Results
 from simulation.bench.seeds import SeedGroup, choose_seeds, open_catalog, seed_groups
-from simulation.bench.settings import METHODS, BenchSettings, check_run_dir
+from simulation.bench.settings import BenchSettings, check_run_dir
 from simulation.bench.sharers import device_pieces, prepare_sharers
 from simulation.bench.sweeps import sweep_point, sweep_values
 from simulation.bench.users import split_users
@@ -69,11 +70,11 @@ def _bench(g: SeedGroup, s: BenchSettings, out: Path, pool_pieces: list[Piece]) 
 
 
 def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results, judge: FidelityJudge,
-                 bar) -> None:
+                 bar, runners=RUNNERS) -> None:
     for index, target in targets:
-        for method in METHODS:
+        for method in b.s.methods:
             if ("method", target.user, method) not in results.done:
-                outcome = RUNNERS[method](b, target, index)
+                outcome = runners[method](b, target, index)
                 results.append({"kind": "method", "target": target.user, "method": method, "seed": b.label}
                                | outcome.costs() | quality(b, target, outcome.adapter, judge)
                                | {"detail": outcome.detail, "judge": judge.version})
@@ -83,6 +84,10 @@ def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results
 def run_bench(s: BenchSettings, out: str | Path) -> dict:
     """Run (or resume) the benchmark in `out`; write results.jsonl, report.json, report.md and plots."""
     out = Path(out)
+    if s.rotate:
+        from simulation.bench.folds import run_folds
+
+        return run_folds(s, out)
     catalog = open_catalog(s)
     sharers, targets = split_users(s)
     check_run_dir(out, s)
@@ -98,7 +103,7 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
     ran_on: dict[str, str] = {}  # target -> the seed its rows use (and why, for a fallback), or why it has none
     pool_by_seed: dict[str, int] = {}
     base_bench = None  # the sweeps run on it (they are refused with a catalog)
-    with PiecePool(out / "pool") as pool, progress(len(targets) * len(METHODS), "bench") as bar:
+    with PiecePool(out / "pool") as pool, progress(len(targets) * len(s.methods), "bench") as bar:
         stranded: list[tuple[int, UserData]] = []  # targets whose own seed got no pieces: they go to the base
         for g in seed_groups(s, catalog, sharers, targets, selections):
             if g.label == BASE:
@@ -111,12 +116,16 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
                     chosen = selections.get(t.user, {}).get("seed", g.label)
                     ran_on.setdefault(t.user, g.label if chosen == g.label else
                                       f"{g.label} (fallback: no sharer on {chosen})")
-                missing = any(("method", t.user, m) not in results.done for _, t in g.targets for m in METHODS)
+                missing = any(("method", t.user, m) not in results.done for _, t in g.targets for m in s.methods)
                 b = _bench(g, s, out, pool_pieces) if missing or (g.label == BASE and s.sweep) else None
                 if b is not None:
                     _run_targets(b, g.targets, results, judge, bar)
                 else:
-                    bar.update(len(g.targets) * len(METHODS))
+                    bar.update(len(g.targets) * len(s.methods))
+                if catalog is None:  # the gates' own check and each target's best single sharer
+                    full = {u.user: device_pieces(out, u.user) for u in g.sharers}
+                    check_gates(load_seed(g.source), s, g.sharers, pieces_by_sharer(pool_pieces, full),
+                                [(t, full) for _, t in g.targets], results, s.max_len)
                 if g.label == BASE:
                     base_bench = b
                 b = None
@@ -132,7 +141,7 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
                 for _, t in g.targets:
                     ran_on[t.user] = "skipped: no pieces on its seed nor on the base"
                     log.warning("%s: no pieces on its seed nor on the base; it is left out", t.user)
-                bar.update(len(g.targets) * len(METHODS))
+                bar.update(len(g.targets) * len(s.methods))
             if not held:
                 forget_seed(g.source)  # one catalog seed in memory at a time
     evaluated = [t for t in targets if not ran_on[t.user].startswith("skipped")]
