@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from participants.feature_gates import train_centroid_gates, train_contrast_gates
 from participants.cutting import choose_share, cut_into_pieces
 from participants.dp_sgd import DpPlan, DpSgd
+from participants.feature_gates import train_centroid_gates, train_contrast_gates
 from participants.gate_training import train_gates
 from participants.lora_training import TrainReport, train_private_lora
 from participants.seed_loading import LoadedSeed
