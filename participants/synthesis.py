@@ -3,9 +3,11 @@ prompt, and keeps a pair when its ROUGE-1 against the original lies between two 
 drift away from the item). Everything happens on the device; the pairs never leave it.
 
 The SDSS paper's prompt, K and thresholds are not published (research note, part C); these are this code's:
-the prompt below, K = `pairs`, ROUGE-1 F1 (stemmed, as the evaluation computes it) of the pair's text
-(input, newline, output) against the original's, kept when within [rouge_low, rouge_high]. A reply that does not
-follow the "Request: … Answer: …" form is counted as written and not kept.
+the prompt below, with the reply started for the model ("Request:", so that a small model keeps to the form), K =
+`pairs`, ROUGE-1 F1 (stemmed, as the evaluation computes it) of the pair's text (input, newline, output) against
+the original's, kept when within [rouge_low, rouge_high]. The answer is the reply's first paragraph after
+"Answer:" (small models go on writing after it). A reply that does not follow the form is counted as written and
+not kept.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ SYNTHESIS_PROMPT = ("Here is a request and the answer its writer gave.\n\nReques
                     "Write one new request on a similar topic and the answer this writer would give, in the same "
                     "style and about as long. Reply in exactly this form:\nRequest: <the new request>\n"
                     "Answer: <its answer>")
-_FORM = re.compile(r"request\s*:\s*(?P<input>.+?)\s*\n+\s*answer\s*:\s*(?P<output>.+)", re.IGNORECASE | re.DOTALL)
+_FORM = re.compile(r"request\s*:\s*(?P<input>.+?)\s*\n+\s*answer\s*:\s*(?P<output>.+?)(?:\n\s*\n|$)",
+                   re.IGNORECASE | re.DOTALL)
+STARTED = "Request:"  # the reply begins with this, written for the model
 MAX_PROMPT_TOKENS = 512
 
 
@@ -87,8 +91,9 @@ def write_replies(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisS
     tok, out = seed.tokenizer, []
     for lo in range(0, len(records), batch_items):
         chunk = records[lo:lo + batch_items]
-        prompts = [prompt_ids(tok, SYNTHESIS_PROMPT.format(input=r.input, output=r.output))[-MAX_PROMPT_TOKENS:]
-                   for r in chunk]
+        started = tok(STARTED, add_special_tokens=False)["input_ids"]
+        prompts = [(prompt_ids(tok, SYNTHESIS_PROMPT.format(input=r.input, output=r.output)) + started)
+                   [-MAX_PROMPT_TOKENS:] for r in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -104,7 +109,7 @@ def write_replies(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisS
                                       temperature=s.synthesis_temperature, top_p=s.top_p,
                                       num_return_sequences=s.pairs, pad_token_id=tok.pad_token_id,
                                       eos_token_id=tok.eos_token_id)
-        texts = [tok.decode(g[width:], skip_special_tokens=True) for g in gen]
+        texts = [STARTED + tok.decode(g[width:], skip_special_tokens=True) for g in gen]
         out.extend(texts[i * s.pairs:(i + 1) * s.pairs] for i in range(len(chunk)))
     return out
 
