@@ -63,6 +63,9 @@ class Device:
         history.jsonl."""
         buffer = load_buffer(self.root)
         if buffer is None:
+            if not (self.root / "history.jsonl").exists():
+                raise FileNotFoundError(f"{self.root} holds neither history.jsonl nor a stream buffer: give it "
+                                        f"records (`bouquet device init --data FILE` or `bouquet device add`)")
             return load_records(self.root / "history.jsonl")
         records = buffer.training_records()
         if not records:

@@ -6,7 +6,7 @@
     bouquet coordinator add-device DIR PUBKEY [--name NAME]  /  remove-device DIR NODE_ID
     bouquet coordinator run DIR share|assemble|all [--run-config "key=value" ...]
     bouquet coordinator withdraw DIR REQUEST_FILE
-    bouquet device init DIR --data FILE [--test FILE]                   (prints the key to register)
+    bouquet device init DIR [--data FILE] [--test FILE]                 (prints the key to register)
     bouquet device start DIR --coordinator HOST:PORT --ca FILE [--port 9094] [--catalog DIR]
     bouquet device withdraw DIR --out REQUEST_FILE
     bouquet device add DIR --data FILE [--capacity 64 --rule sdss ...]    (records arriving, into the stream buffer)
@@ -246,7 +246,9 @@ def add_device(sub) -> None:
     dsub = p.add_subparsers(dest="device_command", required=True)
     d = dsub.add_parser("init", help="create the device folder; prints the public key the operator registers")
     d.add_argument("dir")
-    d.add_argument("--data", required=True, help="personal data, JSON Lines (see 'Personal data format')")
+    d.add_argument("--data", default=None, help="personal data, JSON Lines (see 'Personal data format'); leave it "
+                                                "out for a device that takes its records as they come "
+                                                "(`bouquet device add`)")
     d.add_argument("--test", default=None, help="held-out records for evaluation (optional)")
     d.set_defaults(func=cmd_device_init)
     d = dsub.add_parser("start", help="run this device's SuperNode until SIGTERM or Ctrl-C")

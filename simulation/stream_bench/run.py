@@ -98,6 +98,7 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
     start = time.perf_counter()
     feats = item_features(seed, [r.input for r in user.history], s.score_len)
     rows = [scoring_cost(seed, user, s, feats) | {"stream_seconds": time.perf_counter() - start}]
+    log.info("%s: %d stream items scored in %.0f s", user.user, len(feats), time.perf_counter() - start)
     buffers = {(b, rule): replay(user, feats, s, b, rule, seed.descriptor.seed_id)
                for b in s.buffer_sizes for rule in s.rules}
     for (b, rule), buf in buffers.items():
@@ -112,6 +113,8 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
         made = synthesize(seed, recs, s.synthesis_settings())
         for rec, syn in zip(recs, made):
             pairs[rec.id] = [PersonalRecord(rec.user, p.input, p.output) for p in syn.kept]
+        log.info("%s: %d pairs written for %d annotated items, %d kept", user.user, sum(m.written for m in made),
+                 len(recs), sum(len(m.kept) for m in made))
         rows.append({"kind": "synthesis", "user": user.user, "items": len(recs),
                      "written": sum(m.written for m in made), "kept": sum(len(m.kept) for m in made)})
     plans: list[tuple[dict, list[PersonalRecord] | None]] = [({"method": "seed"}, None),

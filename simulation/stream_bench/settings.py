@@ -10,12 +10,13 @@ from participants.stream_settings import RULES, BufferSettings, SynthesisSetting
 from protocols.settings import ParticipantSettings, check, same_as, setting
 
 SYNTHESIS_MODES = ("both", "on", "off")
-# Sized for 2 shared CPU cores, one thread, SmolLM2-135M (a LoRA step at 4 x 64 tokens about 1.5 s, a forward
-# pass of one prompt about 0.1-0.15 s, sampling about 10 tokens/s per sequence): under about 25 minutes.
+# "small" is sized for 2 shared CPU cores, one thread, SmolLM2-135M (a LoRA step at 2 x 64 tokens about 1 s, a
+# forward pass of one prompt about 0.15 s, sampling about 10 tokens/s per sequence): about 25 minutes for 16
+# users, one buffer size (10% of the stream) and three rules; kcenter and more sizes are "full"'s.
 PRESETS: dict[str, dict] = {
-    "small": {"users": 16, "stream": 60, "test": 4, "buffer_sizes": (6,), "rounds": 2, "lora_steps": 5,
-              "batch_size": 4, "max_len": 64, "max_new_tokens": 12, "pairs": 2, "synthesis_tokens": 40,
-              "score_len": 96, "timing_items": 8},
+    "small": {"users": 16, "stream": 60, "test": 4, "buffer_sizes": (6,), "rules": ("sdss", "fifo", "random"),
+              "rounds": 2, "lora_steps": 4, "batch_size": 2, "max_len": 64, "max_new_tokens": 12, "pairs": 2,
+              "synthesis_tokens": 32, "score_len": 96, "timing_items": 6},
     "full": {"users": 16, "stream": 320, "test": 16, "buffer_sizes": (16, 32, 64), "rounds": 4, "lora_steps": 40,
              "max_len": 128, "max_new_tokens": 32, "pairs": 3},
 }
