@@ -114,8 +114,10 @@ def write_replies(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisS
     return out
 
 
-def synthesize(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisSettings) -> list[Synthesis]:
+def synthesize(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisSettings,
+               batch_items: int = 4) -> list[Synthesis]:
     """For each annotated record, the pairs the model wrote and those it keeps."""
     if s.pairs == 0 or not records:
         return [Synthesis(0, []) for _ in records]
-    return [keep_pairs(r, replies, s) for r, replies in zip(records, write_replies(seed, records, s))]
+    replies = write_replies(seed, records, s, batch_items)
+    return [keep_pairs(r, mine, s) for r, mine in zip(records, replies)]

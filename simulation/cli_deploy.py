@@ -316,6 +316,11 @@ def cmd_device_start(args) -> int:
     cmd = supernode_command(device, args.coordinator, args.ca, args.port, args.catalog)
     device.limits()  # a broken limits.json is an error now, not at the first message
     device.policy()  # so is a broken policy.json
+    from participants.stream_buffer import BufferDamaged, load_buffer
+    try:
+        load_buffer(device.root)  # and a damaged stream buffer
+    except BufferDamaged as err:
+        return _fail(err)
     print(f"device {device.root}: SuperNode for {args.coordinator}", flush=True)
     return supervise(cmd, supernode_env(device), device.root)
 

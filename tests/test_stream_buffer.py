@@ -156,6 +156,10 @@ def test_a_buffer_damaged_on_disk_is_refused_on_start_saying_what_to_do(tmp_path
     assert str(path) in str(err.value)
     with pytest.raises(BufferDamaged):
         Device(tmp_path).history()  # a sharer stops rather than train on it
+    from simulation.cli import main
+
+    assert main(["device", "buffer", str(tmp_path)]) == 2  # one line saying what to do, no traceback
+    assert path.read_bytes() == bytes(data)  # and never overwritten
 
 
 def test_the_scores_read_the_items_own_words_not_the_chat_template(tiny_seed):

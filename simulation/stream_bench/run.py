@@ -110,7 +110,7 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
     if s.synthesis in ("both", "on"):
         todo = {it.record.id: it.record for buf in buffers.values() for it in buf.annotated()}
         recs = [todo[k] for k in sorted(todo)]
-        made = synthesize(seed, recs, s.synthesis_settings())
+        made = synthesize(seed, recs, s.synthesis_settings(), batch_items=8)
         for rec, syn in zip(recs, made):
             pairs[rec.id] = [PersonalRecord(rec.user, p.input, p.output) for p in syn.kept]
         log.info("%s: %d pairs written for %d annotated items, %d kept", user.user, sum(m.written for m in made),

@@ -11,12 +11,13 @@ from protocols.settings import ParticipantSettings, check, same_as, setting
 
 SYNTHESIS_MODES = ("both", "on", "off")
 # "small" is sized for 2 shared CPU cores, one thread, SmolLM2-135M (a LoRA step at 2 x 64 tokens about 1 s, a
-# forward pass of one prompt about 0.15 s, sampling about 10 tokens/s per sequence): about 25 minutes for 16
-# users, one buffer size (10% of the stream) and three rules; kcenter and more sizes are "full"'s.
+# forward pass of one prompt about 0.15 s, sampling about 10 tokens/s per sequence): about 20 minutes for 16
+# users on an idle machine (its figures are a smoke test: 3 training steps, 3 held-out items per user); one buffer
+# size (10% of the stream) and three rules; kcenter and more sizes are "full"'s.
 PRESETS: dict[str, dict] = {
-    "small": {"users": 16, "stream": 60, "test": 4, "buffer_sizes": (6,), "rules": ("sdss", "fifo", "random"),
-              "rounds": 2, "lora_steps": 4, "batch_size": 2, "max_len": 64, "max_new_tokens": 12, "pairs": 2,
-              "synthesis_tokens": 32, "score_len": 96, "timing_items": 6},
+    "small": {"users": 16, "stream": 40, "test": 3, "buffer_sizes": (4,), "rules": ("sdss", "fifo", "random"),
+              "rounds": 2, "lora_steps": 3, "batch_size": 2, "max_len": 64, "max_new_tokens": 10, "pairs": 2,
+              "synthesis_tokens": 28, "score_len": 96, "timing_items": 4},
     "full": {"users": 16, "stream": 320, "test": 16, "buffer_sizes": (16, 32, 64), "rounds": 4, "lora_steps": 40,
              "max_len": 128, "max_new_tokens": 32, "pairs": 3},
 }
