@@ -123,10 +123,13 @@ def annotation_ask(root: str | Path) -> list[PersonalRecord]:
 
 
 def annotate(root: str | Path, answers: str | Path, *, by: str, loader=load_seed) -> list[dict]:
-    """Record the owner's answers (a JSONL file of the asked records with their outputs filled in) as one round,
-    write pairs like each, and keep the result; returns per answered item its id and pairs written and kept."""
+    """Record the owner's answers (a JSONL file of the asked records with their outputs filled in; one left blank
+    is skipped) as one round, write pairs like each, and keep the result; returns per answered item its id and
+    the pairs written and kept."""
     root = _device_folder(root)
-    records = load_records(answers)  # an answer needs its output
+    records = [r for r in load_records(answers, require_output=False) if r.output.strip()]  # blank: skipped
+    if not records:
+        raise ValueError(f"{answers}: no item has its 'output' filled in; nothing to record")
     with locked(root):
         buffer = load_buffer(root)
         if buffer is None:

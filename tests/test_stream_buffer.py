@@ -235,6 +235,9 @@ def test_annotation_rounds_and_a_sharer_training_on_the_buffer(tmp_path, tiny_se
     assert (report.added, report.size, report.awaiting) == (6, 4, 4)
     asked = annotation_ask(device)
     assert len(asked) == 2 and all(r.output == "" for r in asked)
+    blank = _jsonl(tmp_path / "blank.jsonl", [json.loads(r.to_json()) for r in asked])
+    with pytest.raises(ValueError, match="no item has its 'output' filled in"):
+        annotate(device, blank, by="alice", loader=lambda *a: tiny_seed)
     answers = _jsonl(tmp_path / "a.jsonl", [json.loads(replace(r, output=f"reply {r.id}").to_json()) for r in asked])
     done = annotate(device, answers, by="alice", loader=lambda *a: tiny_seed)
     assert [d["written"] for d in done] == [2, 2]  # the tiny random model writes garbage: nothing parses
