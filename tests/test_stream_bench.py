@@ -36,7 +36,8 @@ def test_the_stream_bench_runs_every_rule_and_resumes(tmp_path, styleqa_found, t
     buffers = [r for r in rows if r["kind"] == "buffer"]
     assert all(r["annotated"] <= r["buffer"] and max(r["annotated_positions"]) <= 12 for r in buffers)
     full = [r for r in rows if r.get("method") == "full"]
-    assert all(r["train_records"] == 12 for r in full)
+    assert all(r["train_records"] == 12 and r["steps"] == 6 for r in full)  # one pass over the stream, batch 2
+    assert all(r["steps"] == 1 for r in rows if r.get("method", "seed") not in ("seed", "full"))
     assert len(report["users"]) == 3 and (tmp_path / "report.md").exists() and report["cost"]["forward_ms"] > 0
     assert {c["b"] for c in report["comparisons"] if c["a"] == "sdss"} == {"fifo", "random", "kcenter"}
     assert len(report["targets"]) == 3

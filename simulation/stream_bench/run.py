@@ -6,13 +6,15 @@ Every rule sees the same items scored by the same forward passes: an item's hidd
 the buffer, so they are computed once per user (participants.selection_scores.item_features) and offered to every
 buffer, exactly as `bouquet device add` offers them. Pairs are written once per annotated item and shared by every
 buffer that annotated it. Training on the same records gives the same adapter, so identical training sets are
-trained once. Rows go to results.jsonl a user at a time; a rerun with the same settings resumes.
+trained once. Every adapter trains lora-steps steps, except the whole-stream reference, which makes full-epochs
+passes over the stream. Rows go to results.jsonl a user at a time; a rerun with the same settings resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -130,12 +132,16 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
     lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr,
                         batch_size=s.batch_size, max_len=s.max_len, seed=s.rng_seed)
     results: dict[str, dict] = {}
+    full_steps = max(s.lora_steps, math.ceil(s.full_epochs * len(user.history) / s.batch_size))
     for plan, records in plans:
         k = "seed" if records is None else _key(records)
+        steps = full_steps if plan["method"] == "full" else s.lora_steps
+        plan["steps"] = 0 if records is None else steps
         if k not in results:
             adapter, seconds = None, 0.0
             if records is not None:
-                weights, report = train_private_lora(seed, records, lora, desc=f"{user.user}: {plan['method']}")
+                weights, report = train_private_lora(seed, records, replace(lora, steps=steps),
+                                                     desc=f"{user.user}: {plan['method']}")
                 adapter, seconds = branches(weights, s.lora_alpha / s.lora_rank, seed.device), report.seconds
             results[k] = evaluate(seed, user.test, adapter, max_new_tokens=s.max_new_tokens, with_generation=True,
                                   max_len=s.max_len) | {"train_seconds": seconds}

@@ -39,6 +39,9 @@ class StreamBenchSettings(ParticipantSettings, SynthesisSettings):
     domains: int = same_as(BufferSettings, "domains")
     combine: str = same_as(BufferSettings, "combine")
     score_len: int = same_as(BufferSettings, "score_len")
+    full_epochs: float = setting(1.0, "the whole-stream reference adapter trains for this many passes over the "
+                                      "stream (at least lora-steps steps): trained for only lora-steps, it would "
+                                      "see fewer items than a buffer holds", low=0, low_open=True)
     timing_items: int = setting(16, "items per user whose scoring is timed against one forward pass", low=1)
 
     def __post_init__(self) -> None:
