@@ -146,7 +146,7 @@ def _markdown(report: dict) -> str:
                      f"{_pct(m.get('perplexity_recovery'))} | {m['rouge1']:.4f} | {_pct(m.get('rouge1_recovery'))} "
                      f"| {m['train_records']:.1f} |")
     lines += ["", f"Means over users. *seed*: no adapter; *full*: an adapter trained on every item of the stream, "
-                  "all annotated, for {s['full_epochs']:g} pass(es) over it; a rule's rows train on the items its "
+                  f"all annotated, for {s['full_epochs']:g} pass(es) over it; a rule's rows train on the items its "
                   f"buffer had annotated (at most B), *+syn* also on the pairs the model wrote and kept for them, for "
                   f"{s['lora_steps']} steps. "
                   "Gain recovered: (seed - method) / (seed - full) for perplexity, the other way round for ROUGE-1.",
