@@ -19,6 +19,10 @@ from protocols.records import PersonalRecord
 
 def train_gates(seed: LoadedSeed, records: list[PersonalRecord], weights: LoraWeights, settings: LoraSettings,
                 steps: int, lr: float, desc: str = "gates") -> tuple[dict[str, np.ndarray], TrainReport]:
+    if settings.trainer == "zeroth-order":
+        from participants.zeroth_order import train_gates_zeroth_order
+
+        return train_gates_zeroth_order(seed, records, weights, settings, steps, desc)
     torch.manual_seed(settings.seed + 1)
     dev, scaling = seed.device, settings.alpha / settings.rank
     gates = {pos: torch.zeros(A.shape[1], device=dev, requires_grad=True) for pos, (A, _) in weights.items()}

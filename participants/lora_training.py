@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
+
+if TYPE_CHECKING:
+    from participants.zeroth_order import ZerothOrderSettings
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")  # attention and MLP of a Llama block
@@ -29,6 +33,8 @@ class LoraSettings:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.05
     seed: int = ParticipantSettings.rng_seed
+    trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
+    zeroth_order: ZerothOrderSettings | None = None  # its settings (None: the schema's defaults)
 
 
 @dataclass
@@ -57,6 +63,10 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
     (e.g. to measure a held-out loss along the way); its time is not counted in the report.
     The cached seed model is restored (LoRA layers unloaded) before returning.
     """
+    if settings.trainer == "zeroth-order":
+        from participants.zeroth_order import train_lora_zeroth_order
+
+        return train_lora_zeroth_order(seed, records, settings, init, desc, on_step)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(settings.seed)
