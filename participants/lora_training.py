@@ -34,7 +34,13 @@ class LoraSettings:
     dropout: float = 0.05
     seed: int = ParticipantSettings.rng_seed
     trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
-    zeroth_order: ZerothOrderSettings | None = None  # its settings (None: the schema's defaults)
+    zeroth_order: ZerothOrderSettings = field(default_factory=lambda: _zeroth_order_defaults())
+
+
+def _zeroth_order_defaults() -> ZerothOrderSettings:
+    from participants.zeroth_order import ZerothOrderSettings  # it builds on this module
+
+    return ZerothOrderSettings()
 
 
 @dataclass

@@ -169,7 +169,7 @@ def train_lora_zeroth_order(seed: LoadedSeed, records: list[PersonalRecord], set
                             init: LoraWeights | None = None, desc: str = "private LoRA (zeroth-order)",
                             on_step=None) -> tuple[LoraWeights, ZerothOrderReport]:
     """train_private_lora's contract, by SPSA: `settings.steps × step_factor` steps of settings.zeroth_order."""
-    zo = settings.zeroth_order or ZerothOrderSettings()
+    zo = settings.zeroth_order
     torch.manual_seed(settings.seed)
     dev = seed.device
     if init is None:
@@ -197,7 +197,7 @@ def train_gates_zeroth_order(seed: LoadedSeed, records: list[PersonalRecord], we
                              settings: LoraSettings, steps: int, desc: str = "gates (zeroth-order)"
                              ) -> tuple[dict[str, np.ndarray], ZerothOrderReport]:
     """train_gates's contract, by SPSA on the gates alone (the pieces frozen), from zero."""
-    zo = settings.zeroth_order or ZerothOrderSettings()
+    zo = settings.zeroth_order
     dev, scaling = seed.device, settings.alpha / settings.rank
     gates = {pos: torch.zeros(A.shape[1], device=dev) for pos, (A, _) in weights.items()}
     branches = {pos: LoraBranch(torch.from_numpy(A).float().to(dev), torch.from_numpy(B).float().to(dev), scaling,

@@ -415,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_catalog(sub)
     from simulation.cli_deploy import add_coordinator, add_device
     add_coordinator(sub), add_device(sub)
+    from simulation.trainers_bench import add_command as add_trainers
+    add_trainers(sub)
     t = sub.add_parser("throughput", add_help=False,
                        help="bouquet's training and assembly loops against bare loops, in tokens/s "
                             "(`bouquet throughput --help`)")

@@ -187,3 +187,37 @@ def test_the_estimate_orders_the_ways_to_run(tiny_seed):
     per_token = est.saved_per_token + est.logits_grad_per_token
     assert bigger.adamw - est.adamw == 4 * 64 * per_token  # linear in the batch's tokens
     assert bigger.zeroth_order - est.zeroth_order == 4 * 64 * est.per_token_forward
+
+
+def test_zeroth_order_holds_the_tensors_of_inference_and_adamw_more(tmp_path, make_records):
+    from protocols.records import save_records
+    from simulation.trainer_memory import measure
+
+    path = tmp_path / "records.jsonl"
+    save_records(make_records("u", "ZAP", 8), path)
+    live = {mode: measure(mode, "tiny-random", "fp32", str(path), 4, 64, 4, 1)["live_tensors_mib"]
+            for mode in ("inference", "zeroth-order", "adamw")}
+    assert live["inference"] <= live["zeroth-order"] <= 1.1 * live["inference"] < live["adamw"]
+
+
+def test_the_trainers_bench_compares_both_trainers_on_the_same_users(tmp_path):
+    from protocols.records import PersonalRecord, save_records
+    from simulation.trainers_bench import TrainersBenchSettings, markdown, run_trainers_bench
+
+    data = tmp_path / "data.jsonl"
+    save_records([PersonalRecord(u, f"describe thing {i}", f"{m} thing {i} {m}")
+                  for u, m in (("ann", "ZAP"), ("bob", "ZIP")) for i in range(12)], data)
+    s = TrainersBenchSettings(seed_model="tiny-random", data=str(data), users=2, history=8, test=4, lora_steps=4,
+                              zo_step_factor=3, zo_lr=2e-2, max_len=64, points=3, repeats=1,
+                              parts=("throughput", "quality"))
+    report = run_trainers_bench(s, tmp_path / "out")
+    q = report["quality"]
+    assert sorted(q["per_user"]) == ["ann", "bob"] and report["memory"] is None
+    for v in q["per_user"].values():
+        assert [r["step"] for r in v["adamw"]] == [0, 2, 4] and [r["step"] for r in v["zeroth_order"]] == [0, 6, 12]
+        assert v["adamw"][0]["perplexity"] == v["zeroth_order"][0]["perplexity"]  # the same base, the same users
+        last = v["adamw"][-1]
+        assert last["perplexity"] == pytest.approx(last["perplexity_saved"], rel=1e-4)  # in place = as returned
+        assert all(a["seconds"] < b["seconds"] for a, b in zip(v["zeroth_order"], v["zeroth_order"][1:]))
+    assert report["throughput"]["trainer_passes_per_s"] > 0
+    assert (tmp_path / "out" / "heldout_vs_seconds.png").is_file() and "## held-out perplexity" in markdown(report)
