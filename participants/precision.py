@@ -3,6 +3,8 @@
     precision  auto   bf16 on a fast bf16 path (CUDA with bf16; a CPU with AMX), fp32 everywhere else
                fp32   the base in fp32
                bf16   the base's weights in bf16; refused where the hardware has no bf16 arithmetic at all
+               int8   the decoder blocks' linear weights in int8 (participants.int8_weights), where memory binds;
+                      CPU only
 
 What is trained (LoRA, gates) and the optimizer's state stay fp32 whatever the base: PEFT keeps its adapter in
 fp32 (`autocast_adapter_dtype`) and casts the adapter's input to it, and the hook branches of lora_hooks compute
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # int8: loaded in fp32, then packed
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,17 @@ def bf16_hardware(device: torch.device) -> Bf16Hardware:
 
 
 def resolve_precision(asked: str, device: torch.device, hardware: Bf16Hardware | None = None) -> str:
-    """`auto` made concrete ("fp32" or "bf16"); bf16 asked for on hardware without it is refused, naming what fits.
+    """`auto` made concrete ("fp32" or "bf16"); bf16 or int8 asked for on hardware without it is refused, naming what fits.
     `hardware` is injectable so that the choice is testable on any host."""
     if asked not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {asked!r}")
+    if asked == "int8":
+        from participants.int8_weights import int8_supported
+
+        why = int8_supported(device)
+        if why:
+            raise ValueError(f"precision int8 asked for, but {why}: use precision fp32 or auto")
+        return asked
     hw = hardware or bf16_hardware(device)
     if asked == "auto":
         return "bf16" if hw.fast else "fp32"

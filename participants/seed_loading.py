@@ -18,7 +18,7 @@ class LoadedSeed:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
-    precision: str = "fp32"  # the frozen base's format: "fp32" or "bf16"
+    precision: str = "fp32"  # the frozen base's format: "fp32", "bf16" or "int8"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,6 +60,10 @@ def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None, pr
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, desc.delta).merge_and_unload()
+            if key[2] == "int8":
+                from participants.int8_weights import quantize_block_linears
+
+                quantize_block_linears(model)
             model.eval()
             model.requires_grad_(False)
             _cache[key] = LoadedSeed(desc, model, tok, device, key[2])

@@ -74,9 +74,17 @@ def saved_bytes_per_token(seed: LoadedSeed, targets, rank: int) -> int:
     return sum(b for ptr, b in seen.items() if ptr not in frozen) // PROBE_TOKENS
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The frozen base's bytes: its parameters and buffers, and the packed int8 weights (precision int8)."""
+    from participants.int8_weights import int8_weight_bytes
+
+    plain = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return plain + int8_weight_bytes(model)
+
+
 def estimate_memory(seed: LoadedSeed, targets, rank: int, batch_size: int, max_len: int) -> MemoryEstimate:
     cfg = seed.model.config
-    weights = sum(t.numel() * t.element_size() for t in list(seed.model.parameters()) + list(seed.model.buffers()))
+    weights = weight_bytes(seed.model)
     base_bytes = torch.finfo(seed.dtype).bits // 8
     tokens = batch_size * max_len
     # logits in the base's format, their fp32 copy and the loss's log-softmax; one block's largest activations

@@ -137,7 +137,8 @@ class ParticipantSettings:
                             low=0)
     precision: str = setting("auto", "the frozen base's format: auto (bf16 where the hardware has a fast bf16 path: "
                                       "CUDA, a CPU with AMX; fp32 elsewhere), fp32, or bf16 (refused without bf16 "
-                                      "hardware); what is trained stays fp32", choices=("auto", "fp32", "bf16"))
+                                      "hardware), or int8 (the blocks' linear weights, where memory binds; CPU); "
+                                      "what is trained stays fp32", choices=("auto", "fp32", "bf16", "int8"))
     trainer: str = setting("adamw", "how a device trains its LoRA, gates and fine-tune: adamw (backprop), "
                                     "zeroth-order (two forward passes per step, memory of inference), or auto (the "
                                     "device's memory budget in its limits.json picks the one that fits)",

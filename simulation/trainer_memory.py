@@ -52,15 +52,12 @@ class RssSampler:
         self.peak = max(self.peak, rss_now())
 
 
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def measure(mode: str, seed_model: str, precision: str, records_path: str, batch_size: int, max_len: int,
             rank: int, steps: int) -> dict:
     from participants.chat_data import collate, encode_all, next_token_loss
     from participants.lora_training import LoraSettings, train_private_lora
     from participants.seed_loading import load_seed
+    from participants.trainer_choice import weight_bytes
     from protocols.records import load_records
 
     seed = load_seed(seed_model, precision=precision)
@@ -69,7 +66,7 @@ def measure(mode: str, seed_model: str, precision: str, records_path: str, batch
     chosen = [records[i] for i in sorted(range(len(records)), key=lambda i: -lengths[i])[:batch_size]]  # the worst
     examples = encode_all(seed.tokenizer, chosen, max_len)
     batch = collate(examples, seed.tokenizer.pad_token_id, seed.device)
-    weights = _tensor_bytes(list(seed.model.parameters()) + list(seed.model.buffers()))
+    weights = weight_bytes(seed.model)
     saved: dict[int, int] = {}
 
     def pack(t):

@@ -199,24 +199,31 @@ def quality_part(s: TrainersBenchSettings, seed, users) -> dict:
 # --- precision --------------------------------------------------------------------------------------------------
 
 
-def precision_part(s: TrainersBenchSettings, users, records) -> dict | None:
-    """fp32 against bf16 weights for the base, where this hardware does bf16 at all."""
+def precision_part(s: TrainersBenchSettings, users, records) -> dict:
+    """The base in fp32 against bf16 weights (where this hardware does bf16 at all) and int8 weights (where it
+    has the kernels): a forward pass, an AdamW LoRA step, and held-out perplexity after training, per precision."""
     import torch
 
+    from participants.adapters import branches
     from participants.chat_data import batches, encode_all
     from participants.evaluation import perplexity
-    from participants.adapters import branches
+    from participants.int8_weights import int8_supported
     from participants.lora_training import train_private_lora
     from participants.precision import bf16_hardware
-    from participants.seed_loading import forget_seed, load_seed, pick_device
+    from participants.seed_loading import forget_seed, is_loaded, load_seed, pick_device
     from participants.settings import lora_settings
+    from participants.trainer_choice import weight_bytes
 
-    hw = bf16_hardware(pick_device())
+    dev = pick_device()
+    hw = bf16_hardware(dev)
     users = users[: s.precision_users]
+    out: dict = {"hardware": hw.what, "skipped": {}}
     if not hw.native:
-        return {"skipped": f"{hw.what}: no bf16 arithmetic"}
-    out: dict = {"hardware": hw.what}
-    for precision in ("fp32", "bf16"):
+        out["skipped"]["bf16"] = f"{hw.what}: no bf16 arithmetic"
+    if int8_supported(dev):
+        out["skipped"]["int8"] = int8_supported(dev)
+    for precision in [p for p in ("fp32", "bf16", "int8") if p not in out["skipped"]]:
+        held = is_loaded(s.seed_model, precision=precision)
         seed = load_seed(s.seed_model, precision=precision)
         examples = encode_all(seed.tokenizer, records, s.max_len)
         batch = max(batches(examples, s.batch_size, seed.tokenizer.pad_token_id, seed.device),
@@ -235,15 +242,19 @@ def precision_part(s: TrainersBenchSettings, users, records) -> dict | None:
             ppl.append(perplexity(seed, u.test, branches(weights, settings.alpha / settings.rank, seed.device),
                                   max_len=s.max_len))
         out[precision] = {"forward_s": statistics.median(times[1:]), "step_s": statistics.median(steps),
+                          "weights_mib": weight_bytes(seed.model) / 2**20,
                           "base_perplexity": [perplexity(seed, u.test, max_len=s.max_len) for u in users],
                           "trained_perplexity": ppl}
-        if precision != s.precision:
+        if not held:
             forget_seed(s.seed_model, precision=precision)
-    f, b = out["fp32"], out["bf16"]
-    out["forward_speedup"] = f["forward_s"] / b["forward_s"]
-    out["step_speedup"] = f["step_s"] / b["step_s"]
-    out["trained_perplexity_ratio"] = float(np.mean(b["trained_perplexity"]) / np.mean(f["trained_perplexity"]))
-    out["bf16_minus_fp32"] = paired(b["trained_perplexity"], f["trained_perplexity"]) if len(users) > 1 else None
+    f = out["fp32"]
+    for precision in ("bf16", "int8"):
+        if precision in out:
+            o = out[precision]
+            o["forward_speedup"] = f["forward_s"] / o["forward_s"]
+            o["step_speedup"] = f["step_s"] / o["step_s"]
+            o["trained_perplexity_ratio"] = float(np.mean(o["trained_perplexity"]) / np.mean(f["trained_perplexity"]))
+            o["minus_fp32"] = paired(o["trained_perplexity"], f["trained_perplexity"]) if len(users) > 1 else None
     return out
 
 
@@ -311,13 +322,18 @@ def _quality_md(q: dict) -> list[str]:
 
 
 def _precision_md(p: dict) -> list[str]:
-    if "skipped" in p:
-        return ["## precision", "", f"not measured: {p['skipped']}"]
-    return ["## precision", "",
-            f"{p['hardware']}: forward {p['fp32']['forward_s']:.3f} s fp32, {p['bf16']['forward_s']:.3f} s bf16 "
-            f"(speed-up {p['forward_speedup']:.2f}×); LoRA step {p['fp32']['step_s']:.3f} s fp32, "
-            f"{p['bf16']['step_s']:.3f} s bf16 (speed-up {p['step_speedup']:.2f}×); held-out perplexity after "
-            f"AdamW, bf16 / fp32 = {p['trained_perplexity_ratio']:.4f}"]
+    lines = ["## precision of the base", "", f"{p['hardware']}", "",
+             "| base | weights MiB | forward s | × fp32 speed | LoRA step s | × fp32 speed | held-out ppl after AdamW "
+             "| ÷ fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("fp32", "bf16", "int8"):
+        if name in p:
+            o = p[name]
+            lines.append(f"| {name} | {o['weights_mib']:.1f} | {o['forward_s']:.3f} | "
+                         f"{_fmt(o.get('forward_speedup', 1.0), '.2f')} | {o['step_s']:.3f} | "
+                         f"{_fmt(o.get('step_speedup', 1.0), '.2f')} | {np.mean(o['trained_perplexity']):.3f} | "
+                         f"{_fmt(o.get('trained_perplexity_ratio', 1.0), '.4f')} |")
+    lines += [f"\nnot measured: {k} ({why})" for k, why in p["skipped"].items()]
+    return lines
 
 
 def markdown(report: dict) -> str:

@@ -221,3 +221,26 @@ def test_the_trainers_bench_compares_both_trainers_on_the_same_users(tmp_path):
         assert all(a["seconds"] < b["seconds"] for a, b in zip(v["zeroth_order"], v["zeroth_order"][1:]))
     assert report["throughput"]["trainer_passes_per_s"] > 0
     assert (tmp_path / "out" / "heldout_vs_seconds.png").is_file() and "## held-out perplexity" in markdown(report)
+
+
+def test_int8_weights_run_both_trainers_and_keep_the_base_frozen(tiny_seed, make_records):
+    from participants.int8_weights import Int8Linear, int8_supported, quantize_block_linears
+
+    if int8_supported(tiny_seed.device):
+        pytest.skip(int8_supported(tiny_seed.device))
+    model = copy.deepcopy(tiny_seed.model)
+    assert quantize_block_linears(model) == 2 * 7
+    q = LoadedSeed(tiny_seed.descriptor, model, tiny_seed.tokenizer, tiny_seed.device, "int8")
+    recs = make_records("u", "ZAP", 8)
+    base, quantized = (perplexity(s, recs, max_len=64) for s in (tiny_seed, q))
+    assert quantized == pytest.approx(base, rel=0.02)  # per-channel int8 barely moves a forward pass
+    for trainer in ("adamw", "zeroth-order"):
+        weights, report = train_private_lora(q, recs, replace(ZO, trainer=trainer, steps=6))
+        assert report.losses[-1] < report.losses[0] and all(A.dtype == np.float32 for A, _ in weights.values())
+    assert isinstance(q.model.model.layers[0].self_attn.q_proj, Int8Linear)  # PEFT unloaded back onto it
+    assert not any(p.requires_grad for p in q.model.parameters())
+
+
+def test_int8_is_refused_off_the_cpu():
+    with pytest.raises(ValueError, match="int8 weights run on the CPU"):
+        resolve_precision("int8", torch.device("meta"))
