@@ -244,3 +244,20 @@ def test_int8_weights_run_both_trainers_and_keep_the_base_frozen(tiny_seed, make
 def test_int8_is_refused_off_the_cpu():
     with pytest.raises(ValueError, match="int8 weights run on the CPU"):
         resolve_precision("int8", torch.device("meta"))
+
+
+def test_a_device_budget_in_limits_json_picks_or_refuses_the_trainer(tiny_seed, tmp_path):
+    import json
+
+    from participants.error_replies import Refusal
+    from participants.limits import DeviceLimits
+    from participants.trainer_choice import fit_trainer
+
+    (tmp_path / "limits.json").write_text(json.dumps({"memory-mib": 1}))
+    budget = DeviceLimits.load(tmp_path / "limits.json").memory_mib
+    s = ParticipantSettings(seed_model="tiny-random", trainer="auto", batch_size=8, max_len=64, lora_rank=4)
+    with pytest.raises(Refusal, match=r"memory budget .* would fit: .*batch-size \d+ with trainer zeroth-order"):
+        fit_trainer(tiny_seed, s, budget)
+    assert fit_trainer(tiny_seed, s, 1000).trainer == "adamw"
+    assert fit_trainer(tiny_seed, replace(s, batch_size=1), budget).trainer in ("adamw", "zeroth-order")
+    assert fit_trainer(tiny_seed, replace(s, trainer="zeroth-order"), 0).trainer == "zeroth-order"
