@@ -23,6 +23,7 @@ import torch
 
 from participants.error_replies import Refusal
 from participants.lora_hooks import LoraBranch, attached
+from participants.lora_training import DEFAULT_TARGETS, LoraSettings
 from participants.seed_loading import LoadedSeed
 from protocols.settings import ParticipantSettings
 
@@ -50,9 +51,10 @@ def adapter_numbers(model: torch.nn.Module, targets, rank: int) -> int:
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
-def saved_bytes_per_token(seed: LoadedSeed, targets, rank: int) -> int:
+def saved_bytes_per_token(seed: LoadedSeed, targets, rank: int, dropout: float = 0.0) -> int:
     """Bytes autograd saves for backward per token, from one forward pass of PROBE_TOKENS tokens with a LoRA of
-    `rank` on `targets` (distinct storages counted once)."""
+    `rank` on `targets` (distinct storages counted once); with LoRA dropout, PEFT also keeps each adapted layer's
+    dropped-out input (fp32) and its mask."""
     named = [(n, m) for n, m in seed.model.named_modules()
              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
     dev = seed.device
@@ -71,7 +73,8 @@ def saved_bytes_per_token(seed: LoadedSeed, targets, rank: int) -> int:
         logits = seed.model(input_ids=ids).logits
         torch.nn.functional.cross_entropy(logits[0].float(), ids[0])
     frozen = {p.untyped_storage().data_ptr() for p in seed.model.parameters()}
-    return sum(b for ptr, b in seen.items() if ptr not in frozen) // PROBE_TOKENS
+    dropped = sum(m.in_features * (4 + 1) for _, m in named) if dropout > 0 else 0
+    return sum(b for ptr, b in seen.items() if ptr not in frozen) // PROBE_TOKENS + dropped
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -82,7 +85,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return plain + int8_weight_bytes(model)
 
 
-def estimate_memory(seed: LoadedSeed, targets, rank: int, batch_size: int, max_len: int) -> MemoryEstimate:
+def estimate_memory(seed: LoadedSeed, targets, rank: int, batch_size: int, max_len: int,
+                    dropout: float = LoraSettings.dropout) -> MemoryEstimate:
     cfg = seed.model.config
     weights = weight_bytes(seed.model)
     base_bytes = torch.finfo(seed.dtype).bits // 8
@@ -91,7 +95,7 @@ def estimate_memory(seed: LoadedSeed, targets, rank: int, batch_size: int, max_l
     per_token_forward = cfg.vocab_size * (base_bytes + 8) + 4 * (3 * cfg.intermediate_size + 4 * cfg.hidden_size)
     inference = weights + tokens * per_token_forward
     adapter = 4 * adapter_numbers(seed.model, targets, rank)
-    saved = saved_bytes_per_token(seed, targets, rank)
+    saved = saved_bytes_per_token(seed, targets, rank, dropout)
     adamw = weights + tokens * (saved + 4 * cfg.vocab_size) + 4 * adapter
     return MemoryEstimate(weights, inference, inference + adapter, adamw, saved, per_token_forward, 4 * cfg.vocab_size)
 
@@ -136,8 +140,6 @@ def choose_trainer(asked: str, budget_mib: int, est: MemoryEstimate, batch_size:
 
 def fit_trainer(seed: LoadedSeed, s: ParticipantSettings, budget_mib: int) -> ParticipantSettings:
     """The settings with a concrete trainer that fits the budget, or a Refusal before any training."""
-    from participants.lora_training import DEFAULT_TARGETS
-
     if budget_mib <= 0 and s.trainer != "auto":
         return s
     est = estimate_memory(seed, DEFAULT_TARGETS, s.lora_rank, s.batch_size, s.max_len)

@@ -90,7 +90,7 @@ def measure(mode: str, seed_model: str, precision: str, records_path: str, batch
         else:
             trainer = "adamw" if mode == "adamw" else "zeroth-order"
             settings = LoraSettings(rank=rank, alpha=2.0 * rank, steps=steps, batch_size=len(examples),
-                                    max_len=max_len, trainer=trainer, dropout=0.0)
+                                    max_len=max_len, trainer=trainer)
             settings = replace(settings, zeroth_order=replace(settings.zeroth_order, step_factor=1))
             frozen = {p.untyped_storage().data_ptr() for p in seed.model.parameters()}
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
