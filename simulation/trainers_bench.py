@@ -172,7 +172,8 @@ def _ppl_at(curve: list[dict], seconds: float) -> float:
     return [r for r in curve if r["seconds"] <= seconds * (1 + 1e-9)][-1]["perplexity"]
 
 
-def quality_part(s: TrainersBenchSettings, seed, users) -> dict:
+def quality_part(s: TrainersBenchSettings, seed, users, out: Path) -> dict:
+    """Both trainers per user; each finished user is kept in quality-partial.json at once (long runs)."""
     from participants.settings import lora_settings
 
     per_user = {}
@@ -185,6 +186,7 @@ def quality_part(s: TrainersBenchSettings, seed, users) -> dict:
         share = {f"{k}x": ((base - _ppl_at(zo, k * t)) / gain if gain > 0 else None) for k in (1, 10)}
         per_user[u.user] = {"adamw": adamw, "zeroth_order": zo, "zeroth_order_stopped": rep.stopped,
                             "gain_share": share}
+        (out / "quality-partial.json").write_text(json.dumps(per_user, indent=1))
     shares = {k: [v["gain_share"][k] for v in per_user.values() if v["gain_share"][k] is not None]
               for k in ("1x", "10x")}
     summary = {k: {"mean": float(np.mean(v)) if v else None, "users": len(v),
@@ -369,10 +371,11 @@ def run_trainers_bench(s: TrainersBenchSettings, out: Path) -> dict:
               "users": [u.user for u in users]}
     parts = {"memory": lambda: memory_part(s, records_path, seed),
              "throughput": lambda: throughput_part(s, seed, users[0].history),
-             "quality": lambda: quality_part(s, seed, users),
+             "quality": lambda: quality_part(s, seed, users, out),
              "precision": lambda: precision_part(s, users, users[0].history)}
     for name in PARTS:
         report[name] = parts[name]() if name in s.parts else None
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=lambda o: None))  # so far
     report["plots"] = plots(report["quality"], out) if report["quality"] else []
     (out / "report.json").write_text(json.dumps(report, indent=1, default=lambda o: None))
     (out / "report.md").write_text(markdown(report))
