@@ -107,7 +107,7 @@ def spsa_steps(model: torch.nn.Module, params: list[torch.Tensor], data, steps: 
             batch = next(data)
             seeds = [int(s) for s in rng.integers(0, 2**62, size=n)]
             slopes, losses = [], []
-            for s in seeds:
+            for k, s in enumerate(seeds):
                 directions.add([(s, eps)])
                 plus = loss(batch)
                 directions.add([(s, -2 * eps)])
@@ -117,14 +117,15 @@ def spsa_steps(model: torch.nn.Module, params: list[torch.Tensor], data, steps: 
                     report.stopped = (f"the loss turned {'NaN' if math.isnan(plus + minus) else 'infinite'} at step "
                                       f"{step + 1} of {steps}; kept the adapter of step {max(step - 1, 0)}")
                     break
-                directions.add([(s, eps)])  # back to θ before the next direction (the last one is folded below)
+                if k < n - 1:
+                    directions.add([(s, eps)])  # back to θ before the next direction; the last one's is folded below
                 slopes.append((plus - minus) / (2 * eps))
                 losses.append((plus + minus) / 2)
             if report.stopped:
                 break
             rate = lr * schedule_factor(zo.schedule, step, steps) / n
             update = [(s, -rate * g) for s, g in zip(seeds, slopes)]
-            directions.add(update)
+            directions.add(update[:-1] + [(seeds[-1], eps + update[-1][1])])  # restore and update in one pass
             if not directions.finite():
                 directions.add([(s, -c) for s, c in update])
                 report.stopped = f"the update at step {step + 1} of {steps} overflowed; kept the adapter of step {step}"
