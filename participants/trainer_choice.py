@@ -78,11 +78,8 @@ def saved_bytes_per_token(seed: LoadedSeed, targets, rank: int, dropout: float =
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """The frozen base's bytes: its parameters and buffers, and the packed int8 weights (precision int8)."""
-    from participants.int8_weights import int8_weight_bytes
-
-    plain = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return plain + int8_weight_bytes(model)
+    """The frozen base's bytes: its parameters and buffers (precision int8's weights and scales are buffers)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def estimate_memory(seed: LoadedSeed, targets, rank: int, batch_size: int, max_len: int,

@@ -242,7 +242,7 @@ def test_int8_weights_run_both_trainers_and_keep_the_base_frozen(tiny_seed, make
 
 
 def test_int8_is_refused_off_the_cpu():
-    with pytest.raises(ValueError, match="int8 weights run on the CPU"):
+    with pytest.raises(ValueError, match="int8 weights are for CPU devices"):
         resolve_precision("int8", torch.device("meta"))
 
 
