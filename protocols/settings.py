@@ -147,6 +147,23 @@ class ParticipantSettings:
                                             "nearest", low=0, high=2)
     rng_seed: int = setting(0, "the random seed of training, of the shares and of the choice of participants",
                             low=0)
+    precision: str = setting("auto", "the frozen base's format: auto (bf16 where the hardware has a fast bf16 path: "
+                                      "CUDA, a CPU with AMX; fp32 elsewhere), fp32, or bf16 (refused without bf16 "
+                                      "hardware), or int8 (the blocks' linear weights, where memory binds; CPU); "
+                                      "what is trained stays fp32", choices=("auto", "fp32", "bf16", "int8"))
+    trainer: str = setting("adamw", "how a device trains its LoRA, gates and fine-tune: adamw (backprop), "
+                                    "zeroth-order (two forward passes per step, memory of inference), or auto (the "
+                                    "device's memory budget in its limits.json picks the one that fits)",
+                           choices=("adamw", "zeroth-order", "auto"))
+    zo_eps: float = setting(1e-2, "zeroth-order: the perturbation's scale", low=0, high=1, low_open=True)
+    zo_lr: float = setting(1e-4, "zeroth-order: the LoRA learning rate", low=0, high=1, low_open=True)
+    zo_gate_lr: float = setting(1e-3, "zeroth-order: the gate learning rate", low=0, high=1, low_open=True)
+    zo_perturbations: int = setting(1, "zeroth-order: random directions averaged per step (2 forward passes each)",
+                                    low=1, high=64)
+    zo_schedule: str = setting("constant", "zeroth-order: learning-rate schedule over the steps",
+                               choices=("constant", "linear", "cosine"))
+    zo_step_factor: int = setting(10, "zeroth-order: steps per step the adamw settings ask for (lora-steps, "
+                                      "gate-steps and fine-tune steps are multiplied by it)", low=1, high=1000)
 
     def __post_init__(self) -> None:
         check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "

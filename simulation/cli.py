@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     add_coordinator(sub), add_device(sub)
     from simulation.stream_bench.cli import add_stream_bench
     add_stream_bench(sub)
+    from simulation.trainers_bench import add_command as add_trainers
+    add_trainers(sub)
     t = sub.add_parser("throughput", add_help=False,
                        help="bouquet's training and assembly loops against bare loops, in tokens/s "
                             "(`bouquet throughput --help`)")

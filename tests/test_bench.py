@@ -60,7 +60,7 @@ def test_every_method_has_a_finite_row_per_target_and_the_report_is_written(benc
     assert json.loads((out / "report.json").read_text())["means"].keys() == set(METHODS)
     md = (out / "report.md").read_text()
     assert "## targets" in md and md.count("| perpcs |") == md.count("| perpcs+ft |") == 1
-    assert [t["met"] in (True, False) for t in report["targets"]] == [True] * 8  # 6 goals, the gates check and the oracle
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True] * 9  # 7 goals, the gates check, the oracle
     sharers = json.loads((out / "sharers.json").read_text())
     assert len(sharers) == 3 and all(s["upload_bytes"] > 0 and s["train_tokens"] > 0 for s in sharers.values())
 
@@ -72,6 +72,9 @@ def test_costs_follow_what_each_method_does(bench):
     assert means["oppu"]["tokens_forward"] == means["oppu"]["tokens_backward"] > 0
     assert means["perpcs"]["tokens_backward"] == 0 < means["perpcs"]["tokens_forward"]
     assert means["perpcs+ft"]["tokens_forward"] > means["perpcs"]["tokens_forward"]
+    # the forward-only newcomer: more forward passes on top of perpcs's, and still no backward pass
+    assert means["perpcs+zo"]["tokens_forward"] > means["perpcs"]["tokens_forward"]
+    assert means["perpcs+zo"]["tokens_backward"] == 0
     assert means["perpcs"]["bytes_stored"] < means["perpcs"]["bytes_adapter"] == means["oppu"]["bytes_adapter"]
     assert report["gain_recovery"]["seed"] == 0 and report["cost_ratios"]["oppu"]["tokens"] == 1
 

@@ -7,6 +7,7 @@
     random      random pieces of the pool, randomly weighted
     perpcs      the newcomer pipeline a device runs (participants.newcomer): gates, shortlist, assembly
     perpcs+ft   a short fine-tune from the perpcs adapter
+    perpcs+zo   the same fine-tune by the zeroth-order trainer: a newcomer's device never runs a backward pass
 """
 
 from __future__ import annotations
@@ -163,27 +164,39 @@ def _perpcs(b: Bench, target: UserData, index: int) -> Outcome:
     return outcome
 
 
-def _perpcs_ft(b: Bench, target: UserData, index: int) -> Outcome:
+def _fine_tune(b: Bench, target: UserData, index: int, trainer: str, method: str) -> Outcome:
     """Fine-tune from the Per-Pcs adapter (saved by the perpcs method); its cost adds to Per-Pcs's."""
     folder = b.adapter_dir(target.user, "perpcs")
     if not (folder / "bouquet.json").exists() or "cost" not in json.loads((folder / "bouquet.json").read_text()):
         _perpcs(b, target, index)
     weights, rank, _ = load_peft_adapter(folder)
     before = json.loads((folder / "bouquet.json").read_text())["cost"]
-    settings = lora_settings(b.s, rank=rank, alpha=float(rank), steps=b.s.ft_steps)  # scaling is in B
+    settings = lora_settings(b.s, rank=rank, alpha=float(rank), steps=b.s.ft_steps,  # scaling is in B
+                             trainer=trainer)
     start = time.perf_counter()
-    tuned, report = train_private_lora(b.seed, target.history, settings, init=weights, desc=f"{target.user}: ft")
+    tuned, report = train_private_lora(b.seed, target.history, settings, init=weights, desc=f"{target.user}: {method}")
     seconds = time.perf_counter() - start
-    save_peft_adapter(b.adapter_dir(target.user, "perpcs+ft"), tuned, rank, float(rank), b.seed.descriptor.seed_id)
+    save_peft_adapter(b.adapter_dir(target.user, method), tuned, rank, float(rank), b.seed.descriptor.seed_id)
     size = ab_bytes(tuned)
+    backward = 0 if trainer == "zeroth-order" else report.tokens
     return Outcome(branches(tuned, 1.0, b.seed.device), before["seconds"] + seconds,
-                   before["tokens_forward"] + report.tokens, report.tokens, size, size, before["bytes_downloaded"],
-                   {"loss_first": report.losses[0], "loss_last": report.losses[-1]})
+                   before["tokens_forward"] + report.tokens, backward, size, size, before["bytes_downloaded"],
+                   {"loss_first": report.losses[0], "loss_last": report.losses[-1], "trainer": trainer,
+                    "steps": len(report.losses), "stopped": getattr(report, "stopped", "")})
+
+
+def _perpcs_ft(b: Bench, target: UserData, index: int) -> Outcome:
+    return _fine_tune(b, target, index, "adamw", "perpcs+ft")
+
+
+def _perpcs_zo(b: Bench, target: UserData, index: int) -> Outcome:
+    """Forward passes only, assembly and fine-tune: zo-step-factor × ft-steps zeroth-order steps."""
+    return _fine_tune(b, target, index, "zeroth-order", "perpcs+zo")
 
 
 RUNNERS: dict[str, Callable[[Bench, UserData, int], Outcome]] = {
-    "seed": _seed_method, "oppu": _oppu, "oppu-tuned": _oppu_tuned, "retrieval": _retrieval, "random": _random, "perpcs": _perpcs,
-    "perpcs+ft": _perpcs_ft}
+    "seed": _seed_method, "oppu": _oppu, "oppu-tuned": _oppu_tuned, "retrieval": _retrieval, "random": _random,
+    "perpcs": _perpcs, "perpcs+ft": _perpcs_ft, "perpcs+zo": _perpcs_zo}
 
 
 def quality(b: Bench, target: UserData, adapter: dict | None, judge: FidelityJudge) -> dict:

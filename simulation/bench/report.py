@@ -131,7 +131,11 @@ def check_targets(means: dict, recovery: dict, ratios: dict, paired: dict | None
             goal("perpcs's compute ≤ 10% of oppu's tokens", ("perpcs", "oppu"), cheap),
             goal("perpcs stores ≤ 1/30 of oppu's bytes as piece references", ("perpcs", "oppu"), small),
             goal("perpcs+ft matches oppu's perplexity (within 2%) at ≤ half oppu's compute", ("perpcs+ft", "oppu"),
-                 tuned)] + extra
+                 tuned),
+            goal("perpcs+zo (forward passes only) beats perpcs alone on perplexity", ("perpcs+zo", "perpcs"),
+                 lambda: (means["perpcs+zo"]["perplexity"] < means["perpcs"]["perplexity"],
+                          f"perplexity {means['perpcs+zo']['perplexity']:.3f} vs perpcs "
+                          f"{means['perpcs']['perplexity']:.3f}"))] + extra
 
 
 def oracle_summary(rows: list[dict]) -> dict | None:
@@ -188,7 +192,7 @@ def markdown_table(report: dict) -> str:
 
 NOTES = ("Means over the targets. Cost counts the method's own work, not the evaluation: compute = tokens "
          "forward + tokens backward of the LLM (retrieval's MiniLM embedding is not counted in tokens, only in "
-         "seconds); perpcs+ft includes perpcs's cost. *Stored* is what the user keeps: perpcs keeps piece "
+         "seconds); perpcs+ft and perpcs+zo include perpcs's cost (perpcs+zo runs no backward pass). *Stored* is what the user keeps: perpcs keeps piece "
          "references (its choices as JSON), retrieval a piece-id list, the others their adapter; *adapter* is "
          "the A, B bytes of the adapter each runs with. Fidelity: share of greedy generations a MiniLM + "
          "logistic-regression classifier (balanced classes), trained on history answers only and those clipped "

@@ -22,8 +22,9 @@ import numpy as np
 from coordinator.pool import PiecePool
 from coordinator.validation import RegisteredSeed, seed_shapes
 from participants.profile import unit_profile
+from participants.precision import describe, resolve_precision
 from participants.progress import log, progress
-from participants.seed_loading import LoadedSeed, forget_seed, is_loaded, load_seed
+from participants.seed_loading import LoadedSeed, forget_seed, is_loaded, load_seed, pick_device
 from protocols.pieces import Piece
 from protocols.seeds import materialize
 from simulation.bench.gate_check import check_gates, pieces_by_sharer
@@ -47,10 +48,7 @@ def token_clip(tokenizer, max_tokens: int):
 
 
 def hardware(seed: LoadedSeed) -> str:
-    import torch
-
-    where = torch.cuda.get_device_name(seed.device) if seed.device.type == "cuda" else "cpu"
-    return f"{where}, {seed.dtype}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return describe(seed.device, seed.precision)
 
 
 def _share(g: SeedGroup, s: BenchSettings, out: Path, pool: PiecePool, stats: dict) -> tuple[dict, list[Piece]]:
@@ -59,12 +57,12 @@ def _share(g: SeedGroup, s: BenchSettings, out: Path, pool: PiecePool, stats: di
     desc = materialize(g.source)
     pool.register_seed(RegisteredSeed(desc.seed_id, desc.content_hash, seed_shapes(desc.path)))
     if any(u.user not in stats for u in g.sharers):
-        stats = prepare_sharers(load_seed(g.source), s, g.sharers, out, pool)
+        stats = prepare_sharers(load_seed(g.source, precision=s.precision), s, g.sharers, out, pool)
     return stats, pool.get([pid for pid, *_ in pool.gates(desc.seed_id)])
 
 
 def _bench(g: SeedGroup, s: BenchSettings, out: Path, pool_pieces: list[Piece]) -> Bench:
-    return Bench(load_seed(g.source), s, out, [u.user for u in g.sharers], pool_pieces,
+    return Bench(load_seed(g.source, precision=s.precision), s, out, [u.user for u in g.sharers], pool_pieces,
                  {u.user: device_pieces(out, u.user) for u in g.sharers},
                  {u.user: unit_profile(u.history) for u in g.sharers}, g.label)
 
@@ -84,6 +82,7 @@ def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results
 def run_bench(s: BenchSettings, out: str | Path) -> dict:
     """Run (or resume) the benchmark in `out`; write results.jsonl, report.json, report.md and plots."""
     out = Path(out)
+    resolve_precision(s.precision, pick_device())  # bf16 asked of hardware without it: refused before any work
     if s.rotate:
         from simulation.bench.folds import run_folds
 
@@ -91,7 +90,7 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
     catalog = open_catalog(s)
     sharers, targets = split_users(s)
     check_run_dir(out, s)
-    base = load_seed(s.seed_model)
+    base = load_seed(s.seed_model, precision=s.precision)
     clip = token_clip(base.tokenizer, s.max_new_tokens)
     judge = FidelityJudge(sharers + targets, clip=clip)
     results = Results(out / "results.jsonl")
@@ -108,7 +107,7 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
         for g in seed_groups(s, catalog, sharers, targets, selections):
             if g.label == BASE:
                 g.targets = sorted(g.targets + stranded, key=lambda it: it[0])
-            held = is_loaded(g.source)
+            held = is_loaded(g.source, precision=s.precision)
             stats, pool_pieces = _share(g, s, out, pool, stats)
             pool_by_seed[g.label] = len(pool_pieces)
             if pool_pieces:
@@ -143,7 +142,7 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
                     log.warning("%s: no pieces on its seed nor on the base; it is left out", t.user)
                 bar.update(len(g.targets) * len(s.methods))
             if not held:
-                forget_seed(g.source)  # one catalog seed in memory at a time
+                forget_seed(g.source, precision=s.precision)  # one catalog seed in memory at a time
     evaluated = [t for t in targets if not ran_on[t.user].startswith("skipped")]
     if not evaluated:
         raise ValueError(f"no target could be evaluated: every target's seed, and the base, got no pieces "

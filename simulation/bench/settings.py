@@ -15,7 +15,7 @@ from coordinator.settings import RunSettings
 from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings, is_styleqa
 
-METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "random", "perpcs", "perpcs+ft")
+METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "random", "perpcs", "perpcs+ft", "perpcs+zo")
 FOLD_METHODS = ("seed", "oppu", "retrieval", "random", "perpcs")  # the medium preset leaves out perpcs+ft
 SWEEPS = ("share-ratio", "top-k", "sharers", "history")  # named by the setting each changes
 # Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
@@ -45,7 +45,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 class BenchSettings(ParticipantSettings, UserSettings):
     sharers: int = same_as(RunSettings, "sharers")
     targets: int = setting(2, "users who get every method and are evaluated (disjoint from the sharers)", low=1)
-    ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4)", low=1)
+    ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4); perpcs+zo takes "
+                                         "zo-step-factor times as many zeroth-order steps", low=1)
     sweep: tuple[str, ...] = setting((), f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity as "
                                          f"each changes")
     rotate: bool = setting(False, "rotating folds: each of the --targets users is a target once, its pool made by "
