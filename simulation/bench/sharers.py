@@ -32,18 +32,21 @@ def share_seed(s: ParticipantSettings, sharer_index: int) -> int:
 
 
 def prepare_sharers(seed: LoadedSeed, s: ParticipantSettings, sharers: list[UserData], out: Path,
-                    pool: PiecePool | None, share_ratio: float) -> dict[str, dict]:
+                    pool: PiecePool | None, share_ratio: float, dp=None) -> dict[str, dict]:
     """Train, cut and share every sharer not done yet (out/sharers.json keeps who is done, and their costs).
 
     `share_ratio` is what each sends (BenchSettings.sent_share_ratio: its policy's cap applied); without a pool
-    nothing is sent and only the devices' folders are written (the privacy audit draws the shares itself)."""
+    nothing is sent and only the devices' folders are written (the privacy audit draws the shares itself). `dp`
+    (participants.dp_sgd.DpSgd) trains by DP-SGD."""
     path = out / "sharers.json"
     stats: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
     sent = replace(s, share_ratio=share_ratio)
     with progress(len(sharers), "sharers") as bar:
         for i, u in enumerate(sharers):
             if u.user not in stats:
-                result = train_and_share(seed, u.history, sent, sharer_key(s, u.user), share_seed(s, i), who=u.user)
+                private = {} if dp is None else {"dp": dp}  # DP-SGD: participants.dp_sgd, on main concurrently
+                result = train_and_share(seed, u.history, sent, sharer_key(s, u.user), share_seed(s, i), who=u.user,
+                                         **private)
                 device = out / "devices" / u.user
                 device.mkdir(parents=True, exist_ok=True)
                 for p in result.pieces:
