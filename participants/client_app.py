@@ -104,9 +104,9 @@ def profile(msg: Message, context: Context) -> Message:
 def share(msg: Message, context: Context) -> Message:
     """Train a private LoRA and its gates, cut into signed pieces, send back a share of them."""
     s, device = _request(msg, context)
-    s, share_seed = share_request(device, s)  # the policy's share ratio and randomness, or its refusal
+    s, share_seed, dp = share_request(device, s)  # the policy's share ratio and randomness, or its refusal
     history = device.history()
-    result = train_and_share(_seed(msg, s, device), history, s, device.key(), share_seed)
+    result = train_and_share(_seed(msg, s, device), history, s, device.key(), share_seed, dp=dp)
     arrays, meta = M.pieces_to_records(result.shared)
     metrics = MetricRecord({"num-examples": len(history), **result.metrics(), "share-ratio": s.share_ratio,
                             "upload-bytes": int(arrays.count_bytes())})

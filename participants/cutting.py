@@ -12,13 +12,15 @@ from protocols.seeds import SeedDescriptor
 
 
 def cut_into_pieces(seed: SeedDescriptor, weights: LoraWeights, gates: dict[str, np.ndarray], rank: int,
-                    alpha: float, private_key, dtype=np.float32) -> list[Piece]:
-    """One signed piece per position: (A, B) of that module and its gate."""
+                    alpha: float, private_key, dtype=np.float32,
+                    dp: tuple[float, float] | None = None) -> list[Piece]:
+    """One signed piece per position: (A, B) of that module and its gate; `dp` = the (ε, δ) they were trained at."""
     pieces = []
     for pos in sorted(weights):
         A, B = weights[pos]
         piece = Piece(seed_id=seed.seed_id, seed_hash=seed.content_hash, position=pos, rank=rank, alpha=alpha,
-                      A=A.astype(dtype), B=B.astype(dtype), gate=gates[pos].astype(dtype))
+                      A=A.astype(dtype), B=B.astype(dtype), gate=gates[pos].astype(dtype),
+                      dp_epsilon=dp[0] if dp else None, dp_delta=dp[1] if dp else None)
         pieces.append(piece.signed(private_key))
     return pieces
 

@@ -2,8 +2,9 @@
 
     release_profile      the DP profile: budget spent in the ledger first, then the noise from the policy's
                          randomness (never the coordinator's rng-seed); its (ε, δ) in the metrics
-    share_request        the share a request gets: refused when the policy does not share, else
-                         min(requested, max-share-ratio), drawn with the policy's randomness
+    share_request        the share a request gets: refused when the policy does not share or shared too recently,
+                         else min(requested, max-share-ratio), drawn with the policy's randomness, and the
+                         DP-SGD it is trained with (its ε spent in the ledger first)
     report_allowed_metrics
                          a Flower mod: every reply's metrics cut down to the policy's report-metrics
 """
@@ -15,6 +16,7 @@ from dataclasses import replace
 from flwr.app import Context, Message, MetricRecord
 
 from participants.device import Device
+from participants.dp_sgd import DpSgd
 from participants.profile import ProfileRelease, noised_profile
 from protocols import messages as M
 from protocols.settings import ParticipantSettings
@@ -30,10 +32,18 @@ def release_profile(device: Device) -> tuple[ProfileRelease, dict]:
     return release, {"profile-epsilon": release.epsilon, "profile-delta": release.delta, "epsilon-spent": spent}
 
 
-def share_request(device: Device, s: ParticipantSettings) -> tuple[ParticipantSettings, int]:
-    """(the settings with the share ratio this device sends, the seed of the draw of which pieces)."""
+def share_request(device: Device, s: ParticipantSettings) -> tuple[ParticipantSettings, int, DpSgd | None]:
+    """(the settings with the share ratio this device sends, the seed of the draw of which pieces and of DP-SGD's
+    noise, the DP-SGD to train with or None). A refused request spends nothing; an accepted one is written in the
+    ledger (its time, and its ε when DP) before any work, so a crash never forgets it."""
     policy = device.policy()
-    return replace(s, share_ratio=policy.share_ratio(s.share_ratio)), policy.random_seed("share")
+    ratio = policy.share_ratio(s.share_ratio)
+    dp = policy.dp_sgd()
+    ledger = device.ledger()
+    if dp is not None:
+        ledger.spend("pieces", dp.epsilon, dp.delta, policy.epsilon_budget)
+    ledger.record_share(policy.min_hours_between_shares)
+    return replace(s, share_ratio=ratio), policy.random_seed("share"), dp
 
 
 def report_allowed_metrics(msg: Message, context: Context, call_next) -> Message:

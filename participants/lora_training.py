@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from participants.chat_data import encode_all, endless_batches, next_token_loss
+from participants.dp_sgd import DpPlan, run_dp_steps
 from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
@@ -49,12 +50,13 @@ LoraWeights = dict[str, tuple[np.ndarray, np.ndarray]]  # position -> (A, B), fl
 
 def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings: LoraSettings,
                        init: LoraWeights | None = None, desc: str = "private LoRA",
-                       on_step=None) -> tuple[LoraWeights, TrainReport]:
+                       on_step=None, dp: DpPlan | None = None) -> tuple[LoraWeights, TrainReport]:
     """Train a LoRA on the records; return its weights per position and what it cost.
 
     `init` starts from given weights (e.g. an assembled adapter) instead of PEFT's fresh init.
     `on_step(step, report)`, if given, runs after every step with the LoRA in place on `seed.model`
     (e.g. to measure a held-out loss along the way); its time is not counted in the report.
+    `dp`, if given, trains by DP-SGD (participants.dp_sgd) instead: Poisson batches, per-record clipping, noise.
     The cached seed model is restored (LoRA layers unloaded) before returning.
     """
     from peft import LoraConfig, get_peft_model
@@ -68,13 +70,24 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         layers = _lora_layers(model)
         if init is not None:
             _load_weights(layers, init, settings.rank, seed.device)
+        if dp is not None and dp.freeze_a:
+            for layer in layers.values():  # FFA-LoRA: B alone learns, over A's fixed random projection
+                layer.lora_A["default"].weight.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))
         examples = encode_all(seed.tokenizer, records, settings.max_len)
-        data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device, settings.seed)
         model.train()
-        report = run_steps(model, data, settings.steps, opt, params, desc, sched=sched, clip=1.0, on_step=on_step)
+        if dp is not None:
+            if on_step is not None:
+                raise ValueError("on_step is not available with DP-SGD")
+            report = run_dp_steps(model, examples, seed.tokenizer.pad_token_id, seed.device, settings.steps, opt,
+                                  params, dp, desc, sched=sched)
+        else:
+            data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device,
+                                   settings.seed)
+            report = run_steps(model, data, settings.steps, opt, params, desc, sched=sched, clip=1.0,
+                               on_step=on_step)
         weights = {pos: (layer.lora_A["default"].weight.detach().float().cpu().numpy().copy(),
                          layer.lora_B["default"].weight.detach().float().cpu().numpy().copy())
                    for pos, layer in layers.items()}

@@ -1,7 +1,11 @@
 """The device's ε ledger: every differentially private release it made, and the total it has spent.
 
     privacy-ledger.json  {"epsilon-spent": 2.0, "delta-spent": 2e-05,
-                          "releases": [{"what": "profile", "epsilon": 1.0, "delta": 1e-05, "time": 1700000000.0}]}
+                          "releases": [{"what": "profile", "epsilon": 1.0, "delta": 1e-05, "time": 1700000000.0}],
+                          "shares": [1700000100.0]}
+
+"shares" holds the time of every share request it accepted (with or without DP-SGD), for the policy's
+min-hours-between-shares.
 
 Releases compose by basic composition: ε and δ add up. A release that would take the total ε past the policy's
 epsilon-budget is refused before anything is computed or sent; one that fits is written down (to a temp file,
@@ -32,18 +36,26 @@ class PrivacyLedger:
         self.path = Path(path)
 
     def releases(self) -> list[dict]:
+        return self._read()["releases"]
+
+    def shares(self) -> list[float]:
+        return self._read()["shares"]
+
+    def _read(self) -> dict:
         if not self.path.exists():
-            return []
+            return {"releases": [], "shares": []}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            releases = data["releases"]
+            releases, shares = data["releases"], data.get("shares", [])
             if not all(isinstance(r["epsilon"], (int, float)) and isinstance(r["delta"], (int, float))
                        for r in releases):
                 raise ValueError("a release without numeric epsilon and delta")
+            if not all(isinstance(t, (int, float)) for t in shares):
+                raise ValueError("a share without a numeric time")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"{self.path}: not a privacy ledger ({err}); this device refuses every release until "
                              f"its owner repairs or removes the file") from None
-        return releases
+        return {"releases": releases, "shares": shares}
 
     def spent(self) -> tuple[float, float]:
         """(ε, δ) spent so far."""
@@ -53,7 +65,8 @@ class PrivacyLedger:
     def spend(self, what: str, epsilon: float, delta: float, budget: float) -> float:
         """Write down a release of (ε, δ), or refuse it when the total would pass `budget`; the new total ε."""
         with self._locked():
-            releases = self.releases()
+            data = self._read()
+            releases = data["releases"]
             total = sum(r["epsilon"] for r in releases)
             if total + epsilon > budget * (1 + 1e-12):
                 raise BudgetExceeded(f"refused by this device's {POLICY_FILE}: key 'epsilon-budget' {budget:g} would "
@@ -62,8 +75,24 @@ class PrivacyLedger:
                                     "time": time.time()}]
             total += epsilon
             self._write({"epsilon-spent": total, "delta-spent": sum(r["delta"] for r in releases),
-                         "releases": releases})
+                         "releases": releases, "shares": data["shares"]})
             return total
+
+    def record_share(self, min_hours_between: float) -> None:
+        """Write down a share request now, or refuse it when the last one was less than `min_hours_between` ago."""
+        with self._locked():
+            data = self._read()
+            now = time.time()
+            last = max(data["shares"], default=None)
+            if last is not None and now - last < min_hours_between * 3600:
+                wait = (last + min_hours_between * 3600 - now) / 3600
+                raise PolicyRefused(f"refused by this device's {POLICY_FILE}: key 'min-hours-between-shares' is "
+                                    f"{min_hours_between:g}; it shared {(now - last) / 3600:.2f} h ago (next share "
+                                    f"in {wait:.2f} h)")
+            releases = data["releases"]
+            self._write({"epsilon-spent": sum(r["epsilon"] for r in releases),
+                         "delta-spent": sum(r["delta"] for r in releases), "releases": releases,
+                         "shares": data["shares"] + [now]})
 
     @contextmanager
     def _locked(self):

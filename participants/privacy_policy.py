@@ -1,11 +1,17 @@
 """What this device lets leave it: the owner's privacy policy, `policy.json` in the device folder.
 
-    {"share": true, "max-share-ratio": 0.5, "profile-clip-norm": 1.0, "profile-epsilon": 1.0,
+    {"share": true, "max-share-ratio": 0.5, "min-hours-between-shares": 0, "piece-epsilon": null,
+     "piece-delta": 1e-05, "piece-clip-norm": 1.0, "profile-clip-norm": 1.0, "profile-epsilon": 1.0,
      "profile-delta": 1e-05, "epsilon-budget": 10.0, "report-metrics": ["*-seconds", ...], "pinned-seed": null}
 
     share              whether this device shares pieces at all; false: a share request is refused
     max-share-ratio    the largest fraction of its pieces it sends, in (0, 1]; it sends min(requested, this), so
                        by default a sharer never sends its whole adapter
+    min-hours-between-shares
+                       how often it shares: a share request sooner than this after its last one is refused
+    piece-epsilon      null: the LoRA and gates it shares are trained without formal privacy. A number ε: they are
+                       trained by DP-SGD (participants.dp_sgd) to (ε, piece-delta) per share, per history record,
+                       with each record's gradient clipped to piece-clip-norm; each share spends ε of the budget
     profile-clip-norm  C: each history record's embedding is clipped to L2 norm C before the profile's mean
     profile-epsilon    ε of one profile release (the Gaussian mechanism, participants.profile)
     profile-delta      δ of one profile release
@@ -42,6 +48,7 @@ POLICY_FILE = "policy.json"
 DEFAULT_REPORTED = ("*-seconds", "*-tokens", "*-bytes", "num-examples", "history-size", "test-size", "pieces-*",
                     "gates-received", "catalog-seeds", "own-residual", "lora-steps", "lora-loss-*", "seed-*",
                     "assembled-*", "share-ratio", "profile-epsilon", "profile-delta", "epsilon-spent")
+# "pieces-*" covers the share's DP-SGD figures too: pieces-epsilon, pieces-delta, pieces-noise-multiplier
 PURPOSES = {"profile": 1, "share": 2}  # what each pinned stream of randomness is for
 
 
@@ -58,6 +65,10 @@ class PolicyRefused(Refusal):
 class PrivacyPolicy:
     share: bool = True
     max_share_ratio: float = 0.5
+    min_hours_between_shares: float = 0.0
+    piece_epsilon: float | None = None
+    piece_delta: float = 1e-5
+    piece_clip_norm: float = 1.0
     profile_clip_norm: float = 1.0
     profile_epsilon: float = 1.0
     profile_delta: float = 1e-5
@@ -94,11 +105,11 @@ class PrivacyPolicy:
                                   f"\"{name}\": {example}")
         values = {known[k]: (tuple(v) if k == "report-metrics" else v) for k, v in given.items()}
         policy = cls(**values)
-        if policy.profile_epsilon > policy.epsilon_budget:
-            raise PolicyError(f"{where}: keys 'profile-epsilon' and 'epsilon-budget' contradict each other: one "
-                              f"profile release (ε = {policy.profile_epsilon:g}) exceeds the whole budget "
-                              f"({policy.epsilon_budget:g}); write \"epsilon-budget\" >= {policy.profile_epsilon:g} or "
-                              f"a smaller \"profile-epsilon\"")
+        for what, epsilon in (("profile-epsilon", policy.profile_epsilon), ("piece-epsilon", policy.piece_epsilon)):
+            if epsilon is not None and epsilon > policy.epsilon_budget:
+                raise PolicyError(f"{where}: keys {what!r} and 'epsilon-budget' contradict each other: one release "
+                                  f"(ε = {epsilon:g}) exceeds the whole budget ({policy.epsilon_budget:g}); write "
+                                  f"\"epsilon-budget\" >= {epsilon:g} or a smaller \"{what}\"")
         return policy
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -113,6 +124,14 @@ class PrivacyPolicy:
             raise PolicyRefused(f"refused by this device's {POLICY_FILE}: key 'share' is false (it does not share "
                                 f"pieces)")
         return min(float(requested), self.max_share_ratio)
+
+    def dp_sgd(self):
+        """The DP-SGD a share is trained with (participants.dp_sgd.DpSgd), or None when piece-epsilon is null."""
+        from participants.dp_sgd import DpSgd
+
+        if self.piece_epsilon is None:
+            return None
+        return DpSgd(self.piece_epsilon, self.piece_delta, self.piece_clip_norm)
 
     def reported(self, metrics: dict) -> dict:
         """The metrics whose names report-metrics allows; the rest never leave the device."""
@@ -145,9 +164,14 @@ def _problem(name: str, value) -> str:
         if number(value) and value == 0:
             return "must be within (0, 1]; to share nothing write \"share\": false"
         return "" if number(value) and 0 < value <= 1 else "must be a number within (0, 1]"
-    if name in ("profile-clip-norm", "profile-epsilon", "epsilon-budget"):
+    if name in ("profile-clip-norm", "profile-epsilon", "epsilon-budget", "piece-clip-norm"):
         return "" if number(value) and value > 0 else "must be a finite number > 0"
-    if name == "profile-delta":
+    if name == "piece-epsilon":
+        ok = value is None or (number(value) and value > 0)
+        return "" if ok else "must be null (no DP-SGD) or a finite number > 0, e.g. 8"
+    if name == "min-hours-between-shares":
+        return "" if number(value) and value >= 0 else "must be a number of hours >= 0 (0: no limit)"
+    if name in ("profile-delta", "piece-delta"):
         return "" if number(value) and 0 < value < 1 else "must be a number within (0, 1), e.g. 1e-5"
     if name == "report-metrics":
         ok = isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)

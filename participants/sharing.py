@@ -3,9 +3,13 @@ choose the share that leaves the device. The ClientApp's `share` and the benchma
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import torch
+
 from participants.cutting import choose_share, cut_into_pieces
+from participants.dp_sgd import DpPlan, DpSgd
 from participants.gate_training import train_gates
 from participants.lora_training import TrainReport, train_private_lora
 from participants.seed_loading import LoadedSeed
@@ -21,23 +25,44 @@ class Share:
     shared: list[Piece]  # the share that leaves it
     lora: TrainReport
     gates: TrainReport
+    dp: DpPlan | None = None  # how it was trained, when by DP-SGD
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.dp.epsilon if self.dp else None
 
     def metrics(self) -> dict[str, float | int]:
         """What a sharer may report about its work: sizes, costs and losses, nothing of its data."""
-        return {"pieces-cut": len(self.pieces), "pieces-shared": len(self.shared),
-                "upload-bytes": sum(p.A.nbytes + p.B.nbytes + p.gate.nbytes for p in self.shared),
-                "lora-seconds": self.lora.seconds, "lora-steps": len(self.lora.losses), "lora-tokens": self.lora.tokens,
-                "lora-loss-first": self.lora.losses[0], "lora-loss-last": self.lora.losses[-1],
-                "gate-seconds": self.gates.seconds, "gate-tokens": self.gates.tokens}
+        metrics = {"pieces-cut": len(self.pieces), "pieces-shared": len(self.shared),
+                   "upload-bytes": sum(p.A.nbytes + p.B.nbytes + p.gate.nbytes for p in self.shared),
+                   "lora-seconds": self.lora.seconds, "lora-steps": len(self.lora.losses),
+                   "lora-tokens": self.lora.tokens, "lora-loss-first": self.lora.losses[0],
+                   "lora-loss-last": self.lora.losses[-1], "gate-seconds": self.gates.seconds,
+                   "gate-tokens": self.gates.tokens}
+        if self.dp is not None:
+            metrics |= {"pieces-epsilon": self.dp.epsilon, "pieces-delta": self.dp.delta,
+                        "pieces-noise-multiplier": self.dp.noise_multiplier}
+        return metrics
+
+
+def dp_plan(dp: DpSgd, history_size: int, s: ParticipantSettings, share_seed: int) -> DpPlan:
+    """The DP-SGD plan of one share: both phases (LoRA and gates) under one (ε, δ), its randomness from the
+    share's secret seed (the policy's: the OS's, unless pinned)."""
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(hashlib.sha256(f"dp-sgd:{share_seed}".encode()).digest()[:8], "little"))
+    return dp.plan(history_size, s.batch_size, s.lora_steps + s.gate_steps, generator)
 
 
 def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: ParticipantSettings, signing_key,
-                    share_seed: int, who: str = "sharer") -> Share:
-    """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared. `who` labels
-    the progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
+                    share_seed: int, who: str = "sharer", dp: DpSgd | None = None) -> Share:
+    """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared (and DP-SGD's
+    batches and noise). `dp` trains the LoRA and its gates by DP-SGD, its (ε, δ) in every piece. `who` labels the
+    progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
     training = lora_settings(s)
-    weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA")
+    plan = dp_plan(dp, len(history), s, share_seed) if dp is not None else None
+    weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA", dp=plan)
     gates, gate = train_gates(seed, history, weights, training, steps=s.gate_steps, lr=s.gate_lr,
-                              desc=f"{who}: gates")
-    pieces = cut_into_pieces(seed.descriptor, weights, gates, s.lora_rank, s.lora_alpha, signing_key)
-    return Share(pieces, choose_share(pieces, s.share_ratio, rng_seed=share_seed), lora, gate)
+                              desc=f"{who}: gates", dp=plan)
+    pieces = cut_into_pieces(seed.descriptor, weights, gates, s.lora_rank, s.lora_alpha, signing_key,
+                             dp=(plan.epsilon, plan.delta) if plan else None)
+    return Share(pieces, choose_share(pieces, s.share_ratio, rng_seed=share_seed), lora, gate, plan)

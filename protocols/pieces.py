@@ -8,6 +8,9 @@ contributor signs that digest with Ed25519. On disk and on the wire it is a safe
 Shapes, for a linear layer y = W x with W of shape (d_out, d_in):
     A: (rank, d_in)    B: (d_out, rank)    gate: (d_in,)
 and the LoRA update is (alpha / rank) * B @ A.
+
+A piece trained with DP-SGD (participants.dp_sgd) carries the (ε, δ) of its sharer's whole share in its signed
+metadata ("dp_epsilon", "dp_delta"); a piece without them makes no formal privacy claim.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class Piece:
     A: np.ndarray
     B: np.ndarray
     gate: np.ndarray
+    dp_epsilon: float | None = None  # DP-SGD's (ε, δ) for the share this piece came in; None: trained without
+    dp_delta: float | None = None
     contributor: str = ""  # key id of the signer (see protocols.identity.key_id)
     public_key: bytes = b""
     signature: bytes = b""
@@ -52,8 +57,11 @@ class Piece:
         return self.alpha / self.rank
 
     def meta(self) -> dict[str, str]:
-        return {"seed_id": self.seed_id, "seed_hash": self.seed_hash, "position": self.position,
+        meta = {"seed_id": self.seed_id, "seed_hash": self.seed_hash, "position": self.position,
                 "rank": str(int(self.rank)), "alpha": repr(float(self.alpha)), "contributor": self.contributor}
+        if self.dp_epsilon is not None:  # only when set, so that a piece without DP keeps the digest it had
+            meta |= {"dp_epsilon": repr(float(self.dp_epsilon)), "dp_delta": repr(float(self.dp_delta))}
+        return meta
 
     def digest(self) -> bytes:
         """sha256 over the canonical encoding: metadata as sorted JSON, then each tensor's
@@ -111,6 +119,7 @@ class Piece:
             return cls(seed_id=meta["seed_id"], seed_hash=meta["seed_hash"], position=meta["position"],
                        rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                        A=tensors["A"], B=tensors["B"], gate=tensors["gate"],
+                       dp_epsilon=_privacy(meta, "dp_epsilon"), dp_delta=_privacy(meta, "dp_delta"),
                        contributor=meta["contributor"],
                        public_key=bytes.fromhex(meta.get("public_key", "")),
                        signature=bytes.fromhex(meta.get("signature", "")))
@@ -121,6 +130,18 @@ class Piece:
         """Metadata plus key and signature as one JSON string, for a Flower ConfigRecord."""
         return json.dumps(self.meta() | {"public_key": self.public_key.hex(), "signature": self.signature.hex()},
                           sort_keys=True)
+
+
+def _privacy(meta: dict[str, str], name: str) -> float | None:
+    """A DP figure from the metadata: absent, or a finite number > 0 (and both or neither present)."""
+    if ("dp_epsilon" in meta) != ("dp_delta" in meta):
+        raise PieceFormatError("a piece carries dp_epsilon and dp_delta together or neither")
+    if name not in meta:
+        return None
+    value = float(meta[name])
+    if not (np.isfinite(value) and value > 0):
+        raise PieceFormatError(f"{name} must be a finite number > 0, got {meta[name]!r}")
+    return value
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

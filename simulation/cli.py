@@ -34,7 +34,9 @@ def add_settings_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         elif isinstance(f.default, tuple):
             kw["type"] = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
         else:
-            kw["type"] = type(f.default) if f.default is not None else (int if str(f.type).startswith("int") else str)
+            declared = str(f.type)  # "int | None", "float | None": a default of None says nothing of the type
+            kw["type"] = type(f.default) if f.default is not None else (
+                int if declared.startswith("int") else float if declared.startswith("float") else str)
         p.add_argument("--" + key(f.name), **kw)
 
 
@@ -65,6 +67,11 @@ def cmd_simulate(args) -> int:
     from simulation.summary import print_summary
 
     s = settings_from(args, SimulateSettings)
+    try:
+        policy = s.device_policy()  # a bad --policy file or flag stops here, before any work
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     _local_model(s.seed_model)
     wanted = s.sharers + s.newcomers
     users = load_users(s.data, history_size=s.history, test_size=s.test, max_users=s.users, seed=s.rng_seed)
@@ -80,7 +87,7 @@ def cmd_simulate(args) -> int:
     if args.prepare_only:
         from simulation.federation import prepare_devices
 
-        prepare_devices(users, out, s.rng_seed)
+        prepare_devices(users, out, s.rng_seed, policy)
         print(f"{len(users)} devices written to {out / 'devices'}")
         return 0
     if s.catalog:
@@ -94,11 +101,44 @@ def cmd_simulate(args) -> int:
         s = replace(s, catalog=str(Path(s.catalog).resolve()))
     s = replace(s, min_nodes=len(users))
     start = time.perf_counter()
-    summary = run_federation(users, s)  # the coordinator's metrics.json joined with the devices' users
+    if s.audit_wire:
+        summary = _audited_federation(users, s, out)
+    else:
+        summary = run_federation(users, s)  # the coordinator's metrics.json joined with the devices' users
     summary["wall_seconds"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(summary, out)
     return 0
+
+
+def _audited_federation(users, s, out: Path) -> dict:
+    """run_federation with the message audit (simulation.wire_audit) around it; the audit in wire-audit.json."""
+    import io
+    import logging
+
+    from simulation.federation import prepare_devices, simulate_devices
+    from simulation.wire_audit import audit_run, auditing_server_app
+
+    mapping = prepare_devices(users, out, s.rng_seed, s.device_policy())
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    grids: list = []
+    try:
+        summary = simulate_devices(out, mapping, s, server_app=auditing_server_app(s, grids))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    public = [(Path(s.catalog) / "catalog.json").read_text()] if s.catalog else []
+    audit = audit_run([u for u in users if u.user in mapping.values()], out, grids[0], captured.getvalue(), public)
+    (out / "wire-audit.json").write_text(json.dumps(audit, indent=1))
+    verdict = "no leak" if not audit["leaks"] else f"{len(audit['leaks'])} LEAKS"
+    print(f"wire audit: {audit['messages']} messages ({audit['message-bytes']:,} bytes), "
+          f"{audit['coordinator-files']} coordinator files and its log searched for {audit['secrets-searched']:,} "
+          f"private strings of {audit['users']} users: {verdict} (details in {out / 'wire-audit.json'})")
+    return summary
 
 
 def _add_bench(sub) -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -47,15 +48,19 @@ def pinned_key(rng_seed: int, user: str) -> bytes:
                              serialization.NoEncryption())
 
 
-def pinned_policy(rng_seed: int, user: str) -> PrivacyPolicy:
-    """A virtual device's privacy policy: the defaults, with its randomness pinned to the run's rng-seed and its
-    user, so that the same command draws the same profile noise and the same shares (a real device's policy
-    pins nothing: its randomness is the OS's)."""
+def pinned_policy(rng_seed: int, user: str, base: PrivacyPolicy | None = None) -> PrivacyPolicy:
+    """A virtual device's privacy policy: `base` (default: the defaults), with its randomness pinned to the run's
+    rng-seed and its user unless `base` pins it, so that the same command draws the same profile noise, shares and
+    DP-SGD noise (a real device's policy pins nothing: its randomness is the OS's)."""
+    base = base or PrivacyPolicy()
+    if base.pinned_seed is not None:
+        return base
     seed = int.from_bytes(hashlib.sha256(f"policy:{rng_seed}:{user}".encode()).digest()[:8], "little")
-    return PrivacyPolicy(pinned_seed=seed)
+    return replace(base, pinned_seed=seed)
 
 
-def prepare_devices(users: list[UserData], run_dir: Path, rng_seed: int) -> dict[int, str]:
+def prepare_devices(users: list[UserData], run_dir: Path, rng_seed: int,
+                    policy: PrivacyPolicy | None = None) -> dict[int, str]:
     """Write each user's files, pinned key and pinned policy into its device folder (a fresh virtual device: no
     ε spent yet); return partition-id -> user."""
     root = run_dir / "devices"
@@ -65,7 +70,7 @@ def prepare_devices(users: list[UserData], run_dir: Path, rng_seed: int) -> dict
         key = root / str(pid) / "key.pem"
         key.write_bytes(pinned_key(rng_seed, user.user))
         key.chmod(0o600)
-        (root / str(pid) / POLICY_FILE).write_text(pinned_policy(rng_seed, user.user).to_json())
+        (root / str(pid) / POLICY_FILE).write_text(pinned_policy(rng_seed, user.user, policy).to_json())
         (root / str(pid) / LEDGER_FILE).unlink(missing_ok=True)
         mapping[pid] = user.user
     (run_dir / "devices.json").write_text(json.dumps(mapping, indent=1))
@@ -75,7 +80,7 @@ def prepare_devices(users: list[UserData], run_dir: Path, rng_seed: int) -> dict
 def run_federation(users: list[UserData], settings: SimulateSettings) -> dict:
     """Run one bouquet round over virtual participants; return its summary (`summarize`)."""
     run_dir = Path(settings.out_dir)
-    mapping = prepare_devices(users, run_dir, settings.rng_seed)
+    mapping = prepare_devices(users, run_dir, settings.rng_seed, settings.device_policy())
     return simulate_devices(run_dir, mapping, settings)
 
 

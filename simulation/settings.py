@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.settings import RunSettings
-from protocols.settings import setting
+from protocols.settings import key, setting
 
 
 @dataclass(frozen=True)
@@ -31,3 +32,27 @@ class SimulateSettings(RunSettings, UserSettings):
     cpus_per_client: float = setting(1.0, "CPUs Ray reserves per virtual participant", low=0, low_open=True)
     gpus_per_client: float = setting(0.0, "GPUs Ray reserves per virtual participant", low=0)
     ray_address: str = setting("", "join a running Ray cluster instead of starting one (e.g. auto)")
+    audit_wire: bool = setting(False, "record every message in both directions and search them, the coordinator's "
+                                      "files and its log for each user's name, device path and every 20 characters "
+                                      "of its records; the result in OUT-DIR/wire-audit.json")
+    # every virtual device's privacy policy (participants.privacy_policy): the defaults, a file, then these flags
+    policy: str = setting("", "a policy.json that every virtual device uses (default: the safe defaults); its "
+                              "randomness is pinned from --rng-seed unless the file pins it")
+    max_share_ratio: float | None = setting(None, "the devices' policy key max-share-ratio (default 0.5)", low=0,
+                                            high=1, low_open=True)
+    piece_epsilon: float | None = setting(None, "the devices' policy key piece-epsilon: train shared pieces and "
+                                                "gates by DP-SGD at this ε per share (default: no DP-SGD)",
+                                          low=0, low_open=True)
+    profile_epsilon: float | None = setting(None, "the devices' policy key profile-epsilon (default 1)", low=0,
+                                            low_open=True)
+    epsilon_budget: float | None = setting(None, "the devices' policy key epsilon-budget (default 10)", low=0,
+                                           low_open=True)
+
+    def device_policy(self):
+        """The policy every virtual device starts from: the defaults, --policy's file, then the flags given."""
+        from participants.privacy_policy import PrivacyPolicy
+
+        base = json.loads(PrivacyPolicy.load(self.policy).to_json()) if self.policy else {}
+        flags = {key(name): getattr(self, name) for name in ("max_share_ratio", "piece_epsilon", "profile_epsilon",
+                                                             "epsilon_budget") if getattr(self, name) is not None}
+        return PrivacyPolicy.from_dict(base | flags, self.policy or "the --policy flags")

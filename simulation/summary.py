@@ -30,11 +30,12 @@ def print_summary(metrics: dict, run_dir: Path, console: Console | None = None) 
                            m["reason"].split("; nearest")[0].removeprefix("your data reads as: "))
         console.print(chosen)
     sharers = Table(title="sharers")
-    for col in ("user", "LoRA loss", "LoRA s", "gate s", "shared", "accepted"):
+    for col in ("user", "LoRA loss", "LoRA s", "gate s", "shared", "accepted", "DP-SGD ε"):
         sharers.add_column(col)
     for user, m in metrics["sharers"].items():
+        epsilon = f"{m['pieces-epsilon']:.2f}" if "pieces-epsilon" in m else "none"
         sharers.add_row(user, f"{m['lora-loss-first']:.2f} → {m['lora-loss-last']:.2f}", f"{m['lora-seconds']:.1f}",
-                        f"{m['gate-seconds']:.1f}", str(int(m["pieces-shared"])), str(int(m["accepted"])))
+                        f"{m['gate-seconds']:.1f}", str(int(m["pieces-shared"])), str(int(m["accepted"])), epsilon)
     console.print(sharers)
 
     rows = metrics["newcomers"]

@@ -106,3 +106,30 @@ def leaks(blobs: dict[str, bytes], secrets: Iterable[str]) -> list[str]:
     """'<where>: <secret>' for every secret found in a blob (named by where it came from)."""
     encoded = [(s, s.encode()) for s in secrets]
     return [f"{where}: {s!r}" for where, blob in blobs.items() for s, raw in encoded if raw in blob]
+
+
+HARNESS_FILES = {"devices", "adapters", "devices.json", "summary.json", "wire-audit.json"}  # the harness's side
+
+
+def coordinator_blobs(run_dir: Path, grid: RecordingGrid, coordinator_log: str) -> dict[str, bytes]:
+    """Everything the coordinator saw or wrote in a run: each message, each file of its own, its log."""
+    blobs = {f"message {i}: {direction} {kind}": data for i, (direction, kind, data) in enumerate(grid.messages)}
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.relative_to(run_dir).parts[0] not in HARNESS_FILES:
+            blobs[str(path.relative_to(run_dir))] = path.read_bytes()
+    blobs["the coordinator's log"] = coordinator_log.encode()
+    return blobs
+
+
+def audit_run(users: list[UserData], run_dir: Path, grid: RecordingGrid, coordinator_log: str,
+              public: Iterable[str] = ()) -> dict:
+    """The audit of one run, as `bouquet simulate --audit-wire` writes it to wire-audit.json."""
+    secrets = private_texts(users, run_dir, public)
+    blobs = coordinator_blobs(run_dir, grid, coordinator_log)
+    found = leaks(blobs, secrets)
+    kinds: dict[str, int] = {}
+    for direction, kind, _ in grid.messages:
+        kinds[f"{direction} {kind}"] = kinds.get(f"{direction} {kind}", 0) + 1
+    return {"messages": len(grid.messages), "by-kind": kinds, "message-bytes": sum(len(d) for _, _, d in grid.messages),
+            "coordinator-files": sum(1 for k in blobs if not k.startswith("message ")) - 1,
+            "secrets-searched": len(secrets), "users": len(users), "window": WINDOW, "leaks": found}

@@ -27,7 +27,7 @@ from protocols.records import PersonalRecord, save_records
 from simulation.federation import prepare_devices, simulate_devices
 from simulation.settings import SimulateSettings
 from simulation.user_data import UserData
-from simulation.wire_audit import auditing_server_app, leaks, private_texts
+from simulation.wire_audit import auditing_server_app, coordinator_blobs, leaks, private_texts
 
 NAMES = ["Ottoline-Quarrington", "Bartholomew-Vexley", "Philippa-Zanzibar", "Evander-Mulgrave"]
 WORDS = ("lantern marzipan quixotic harbour velvet juniper obsidian tangerine walrus cobalt pergola saffron "
@@ -83,12 +83,8 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
 
     secrets = private_texts(users, run_dir, public=[(catalog.folder / "catalog.json").read_text()])
     assert len(secrets) > 1000 and set(NAMES) <= secrets
-    blobs = {f"{i}: {direction} {kind}": data for i, (direction, kind, data) in enumerate(grid.messages)}
-    skip = {"devices", "adapters", "devices.json", "summary.json"}  # the harness's side of the run folder
-    for path in run_dir.rglob("*"):
-        if path.is_file() and path.relative_to(run_dir).parts[0] not in skip:
-            blobs[str(path.relative_to(run_dir))] = path.read_bytes()
-    blobs["the coordinator's log"] = coordinator_log.getvalue().encode()
+    blobs = coordinator_blobs(run_dir, grid, coordinator_log.getvalue())
+    assert sum(name.startswith("message ") for name in blobs) == len(grid.messages) > 0
     assert "metrics.json" in blobs and any(name.startswith("pool") for name in blobs)
     assert "sharers" in coordinator_log.getvalue()  # the log was captured
     assert leaks(blobs, secrets) == []
@@ -98,6 +94,33 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
     # the harness's own summary names the users, joined by key id
     assert {NAMES[0], NAMES[1], NAMES[2]} == set(summary["sharers"]) | {m["user"] for m in summary["newcomers"]}
     assert json.loads((run_dir / "summary.json").read_text())["nodes"] == summary["nodes"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_real_health_tweets_with_dp_sgd_pieces_leave_no_trace_on_the_coordinator(tmp_path):
+    """The same audit on real records (four health-tweet accounts: URLs, names of outlets, hashtags), with every
+    device's policy training its pieces by DP-SGD, through `bouquet simulate --audit-wire`'s own audit."""
+    from participants.privacy_policy import PrivacyPolicy
+    from simulation.datasets import load_users
+    from simulation.wire_audit import audit_run
+
+    users = [UserData(u.user, u.history[:6], u.test[:2])
+             for u in load_users("healthtweets", history_size=6, test_size=2, seed=5)[:4]]
+    run_dir = tmp_path / "run"
+    settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=2, newcomers=2,
+                                lora_steps=2, gate_steps=1, lora_rank=4, lora_alpha=8, max_len=48, max_new_tokens=4,
+                                timeout=300, min_nodes=len(users), piece_epsilon=8.0)
+    assert settings.device_policy() == PrivacyPolicy(piece_epsilon=8.0)
+    mapping = prepare_devices(users, run_dir, settings.rng_seed, settings.device_policy())
+    grids: list = []
+    summary = simulate_devices(run_dir, mapping, settings, server_app=auditing_server_app(settings, grids))
+    assert len(summary["newcomers"]) == 2 and all(m.get("pieces-epsilon", 0) > 7 for m in summary["sharers"].values())
+    audit = audit_run(users, run_dir, grids[0], coordinator_log="")
+    assert audit["messages"] >= 12 and audit["secrets-searched"] > 1000 and audit["leaks"] == []
+    # the search is not blind to these records: a device's own file holds them
+    assert leaks({"history": (run_dir / "devices" / "0" / "history.jsonl").read_bytes()},
+                 private_texts(users, run_dir))
 
 
 @pytest.fixture

@@ -125,9 +125,9 @@ def test_the_share_request_gets_the_policys_ratio_and_fresh_randomness(tmp_path)
     from participants.device_privacy import share_request
 
     device = device_with(tmp_path)
-    s, first = share_request(device, ParticipantSettings(share_ratio=1.0))
-    _, second = share_request(device, ParticipantSettings(share_ratio=1.0))
-    assert s.share_ratio == 0.5 and first != second  # the OS's randomness: a new draw every time
+    s, first, dp = share_request(device, ParticipantSettings(share_ratio=1.0))
+    _, second, _ = share_request(device, ParticipantSettings(share_ratio=1.0))
+    assert s.share_ratio == 0.5 and first != second and dp is None  # the OS's randomness: a new draw every time
     (device.root / POLICY_FILE).write_text('{"pinned-seed": 3}')
     assert share_request(device, ParticipantSettings())[1] == share_request(device, ParticipantSettings())[1]
 

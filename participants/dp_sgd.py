@@ -1,0 +1,135 @@
+"""DP-SGD for what a sharer trains and sends (its LoRA and its gates): per-record clipping and Gaussian noise.
+
+A sharer that sets `piece-epsilon` in its policy trains both phases as DP-SGD (Abadi et al. 2016):
+
+    each step   every history record joins the batch with probability q = batch-size / n (Poisson sampling)
+                g_i = the gradient of record i's answer loss, clipped to ||g_i|| <= C (over all trained tensors)
+                g   = (Σ g_i + N(0, σ²C² I)) / (q n)            then the optimizer's step on g
+
+σ (the noise multiplier) is the smallest that keeps all the steps of both phases within (ε, δ) under Opacus's RDP
+accountant: the LoRA and its gates are one release. The privacy unit is one history record (add or remove one),
+the accountant's. The pieces are post-processing of that release, so the ε in each piece's metadata covers
+everything a sharer sends (A, B and gate). The noise and the sampling come from the OS's randomness, unless the
+policy pins them for an experiment.
+
+Per-record gradients are taken one record at a time (a backward pass each): exact for any module (the LoRA
+layers of PEFT and the gate hooks of participants.lora_hooks alike), with no per-sample hooks to keep in step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from participants.chat_data import Example, collate, next_token_loss
+from participants.progress import progress
+
+# RDP orders searched by the accountant: Opacus's defaults reach only 63, too few for small σ
+ALPHAS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256)))
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """What the device's policy asks of a share: (ε, δ) for the whole share, and the per-record clip C."""
+    epsilon: float
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"DP-SGD epsilon must be a finite number > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"DP-SGD delta must be within (0, 1), got {self.delta}")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"DP-SGD clip norm must be a finite number > 0, got {self.clip_norm}")
+
+    def plan(self, records: int, batch_size: int, steps: int, generator: torch.Generator) -> "DpPlan":
+        """The noise for `steps` steps of expected batch `batch_size` over `records` records, within (ε, δ)."""
+        if records < 1 or steps < 1:
+            raise ValueError(f"DP-SGD needs at least one record and one step, got {records} and {steps}")
+        q = min(1.0, batch_size / records)
+        sigma = noise_multiplier(self.epsilon, self.delta, q, steps)
+        return DpPlan(sigma, q, self.clip_norm, steps, self.delta, spent_epsilon(sigma, q, steps, self.delta),
+                      generator)
+
+
+@dataclass
+class DpPlan:
+    """One share's DP-SGD: its noise multiplier σ, sampling rate q and clip C, for `steps` steps in all."""
+    noise_multiplier: float
+    sample_rate: float
+    clip_norm: float
+    steps: int
+    delta: float
+    epsilon: float  # what the accountant gives for all the steps: at most the policy's
+    generator: torch.Generator  # the sampling and the noise: the OS's randomness unless pinned
+    freeze_a: bool = False  # train B only (FFA-LoRA), A kept at its random initialisation
+
+
+def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": the ALPHAS above reach far enough
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant="rdp", epsilon_tolerance=0.005,
+                                          alphas=list(ALPHAS)))
+
+
+def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta, alphas=list(ALPHAS)))
+
+
+def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int, opt, params, plan: DpPlan,
+                 desc: str, sched=None):
+    """`steps` DP-SGD steps over `examples` (Poisson batches, per-record clipping, Gaussian noise)."""
+    from participants.lora_training import TrainReport
+
+    report = TrainReport()
+    n = len(examples)
+    expected = plan.sample_rate * n
+    start = time.perf_counter()
+    with progress(steps, desc) as bar:
+        for _ in range(steps):
+            chosen = torch.nonzero(torch.rand(n, generator=plan.generator) < plan.sample_rate).flatten().tolist()
+            total = [torch.zeros_like(p) for p in params]
+            losses, tokens = [], 0
+            for i in chosen:
+                batch = collate([examples[i]], pad_id, device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = next_token_loss(logits, batch["labels"])
+                loss.backward()
+                norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
+                scale = min(1.0, plan.clip_norm / (float(norm) + 1e-12))
+                for acc, p in zip(total, params):
+                    acc.add_(p.grad, alpha=scale)
+                    p.grad = None
+                losses.append(loss.item())
+                tokens += len(examples[i].input_ids)
+            std = plan.noise_multiplier * plan.clip_norm
+            for acc, p in zip(total, params):
+                noise = torch.normal(0.0, std, size=acc.shape, generator=plan.generator).to(acc.device, acc.dtype)
+                p.grad = (acc + noise) / expected
+            opt.step()
+            if sched is not None:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+            # an empty Poisson batch still takes its (pure-noise) step; its loss is the last one seen
+            report.losses.append(sum(losses) / len(losses) if losses else (report.losses[-1] if report.losses
+                                                                         else float("nan")))
+            report.step_ends.append(time.perf_counter())
+            report.step_tokens.append(tokens)
+            report.tokens += tokens
+            bar.update(loss=report.losses[-1])
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,174 @@
+"""DP-SGD for what a sharer sends: the accountant's noise, per-record clipping, ε in the signed pieces, and the
+device policy that asks for it (participants.dp_sgd, participants.sharing, participants.privacy_policy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from participants.chat_data import encode_all
+from participants.dp_sgd import DpPlan, DpSgd, run_dp_steps, spent_epsilon
+from participants.privacy_ledger import BudgetExceeded
+from participants.privacy_policy import PolicyError, PolicyRefused, PrivacyPolicy
+from participants.sharing import train_and_share
+from protocols.pieces import Piece, PieceFormatError
+from protocols.records import PersonalRecord
+from protocols.settings import ParticipantSettings
+from test_privacy_policy import device_with, task_identity  # noqa: F401 (a fixture)
+
+TINY_SHARE = ParticipantSettings(seed_model="tiny-random", lora_rank=2, lora_alpha=4.0, lora_steps=3, gate_steps=2,
+                                 batch_size=2, max_len=32, share_ratio=0.5)
+
+
+def new_key():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate()
+
+
+def records(n: int = 6) -> list[PersonalRecord]:
+    return [PersonalRecord("ann", f"tell me about {i}", f"ann says {i} is grand") for i in range(n)]
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def test_the_plan_spends_at_most_its_epsilon_and_more_epsilon_means_less_noise():
+    plans = {eps: DpSgd(eps).plan(records=16, batch_size=4, steps=50, generator=generator(0)) for eps in (1, 2, 8)}
+    for eps, plan in plans.items():
+        assert plan.sample_rate == 0.25 and plan.steps == 50
+        assert 0.9 * eps <= plan.epsilon <= eps  # the smallest noise that keeps within ε, to the tolerance
+        assert spent_epsilon(plan.noise_multiplier, 0.25, 50, 1e-5) == pytest.approx(plan.epsilon)
+    assert plans[1].noise_multiplier > plans[2].noise_multiplier > plans[8].noise_multiplier > 0.5
+    # more steps over the same records cost more: at the same σ, ε grows
+    assert spent_epsilon(plans[8].noise_multiplier, 0.25, 100, 1e-5) > plans[8].epsilon
+
+
+@pytest.mark.parametrize("kwargs, words", [({"epsilon": 0}, "epsilon"), ({"epsilon": float("inf")}, "epsilon"),
+                                           ({"epsilon": 1, "delta": 1}, "delta"),
+                                           ({"epsilon": 1, "clip_norm": -1}, "clip norm")])
+def test_bad_dp_settings_are_refused_by_name(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        DpSgd(**kwargs)
+
+
+def one_step(tiny_seed, plan: DpPlan) -> float:
+    """The norm of the change one DP-SGD step (plain SGD, lr 1) makes to a fresh linear probe on the tiny model."""
+    model = tiny_seed.model
+    head = model.lm_head.weight
+    head.requires_grad_(True)
+    before = head.detach().clone()
+    try:
+        examples = encode_all(tiny_seed.tokenizer, records(4), 32)
+        opt = torch.optim.SGD([head], lr=1.0)
+        run_dp_steps(model, examples, tiny_seed.tokenizer.pad_token_id, tiny_seed.device, 1, opt, [head], plan, "t")
+        return float((head.detach() - before).norm())
+    finally:
+        with torch.no_grad():
+            head.copy_(before)
+        head.requires_grad_(False)
+
+
+def test_each_records_gradient_is_clipped_and_the_noise_follows_the_plan(tiny_seed):
+    exact = dict(noise_multiplier=0.0, sample_rate=1.0, steps=1, delta=1e-5, epsilon=float("inf"))
+    free = one_step(tiny_seed, DpPlan(clip_norm=1e6, generator=generator(0), **exact))
+    clipped = one_step(tiny_seed, DpPlan(clip_norm=1e-3, generator=generator(0), **exact))
+    assert free > 1e-2  # the unclipped mean gradient is large ...
+    assert clipped <= 1e-3 * (1 + 1e-4)  # ... the mean of records clipped to C is at most C
+    # noise of σ C per coordinate on the sum, divided by the expected batch (4 records)
+    noisy = DpPlan(noise_multiplier=2.0, sample_rate=1.0, clip_norm=1e-3, steps=1, delta=1e-5, epsilon=1.0,
+                   generator=generator(1))
+    n_params = tiny_seed.model.lm_head.weight.numel()
+    expected = 2.0 * 1e-3 / 4 * np.sqrt(n_params)
+    assert 0.9 * expected < one_step(tiny_seed, noisy) < 1.1 * expected + 1e-3
+    # the sampling and the noise come from the plan's generator alone: the same seed, the same step
+    same, again, other = (one_step(tiny_seed, DpPlan(**{**noisy.__dict__, "generator": generator(g)}))
+                          for g in (7, 7, 8))
+    assert same == again != other
+
+
+def test_a_dp_share_carries_its_epsilon_in_every_signed_piece_and_its_metrics(tiny_seed):
+    key = new_key()
+    plain = train_and_share(tiny_seed, records(), TINY_SHARE, key, share_seed=5)
+    private = train_and_share(tiny_seed, records(), TINY_SHARE, key, share_seed=5, dp=DpSgd(4.0))
+    assert plain.epsilon is None and "pieces-epsilon" not in plain.metrics()
+    assert all(p.dp_epsilon is None and "dp_epsilon" not in p.meta() for p in plain.pieces)
+    assert 3.6 <= private.epsilon <= 4.0 and private.metrics()["pieces-epsilon"] == private.epsilon
+    for piece in private.shared:
+        assert piece.dp_epsilon == private.epsilon and piece.dp_delta == 1e-5 and piece.signature_ok()
+        back = Piece.from_bytes(piece.to_bytes())
+        assert back.dp_epsilon == piece.dp_epsilon and back.piece_id == piece.piece_id and back.signature_ok()
+    # the noise moves the weights: DP-SGD's adapter is not the plain one
+    assert not np.allclose(plain.pieces[0].A, private.pieces[0].A)
+
+
+def test_a_piece_with_half_or_a_bad_privacy_claim_does_not_decode(tiny_seed):
+    share = train_and_share(tiny_seed, records(), TINY_SHARE, new_key(), share_seed=1, dp=DpSgd(8.0))
+    piece = share.shared[0]
+    tensors = {"A": piece.A, "B": piece.B, "gate": piece.gate}
+    meta = piece.meta() | {"public_key": piece.public_key.hex(), "signature": piece.signature.hex()}
+    with pytest.raises(PieceFormatError, match="together or neither"):
+        Piece.from_parts({k: v for k, v in meta.items() if k != "dp_delta"}, tensors)
+    with pytest.raises(PieceFormatError, match="dp_epsilon"):
+        Piece.from_parts(meta | {"dp_epsilon": "-1"}, tensors)
+    # a claim changed after signing breaks the signature
+    assert not Piece.from_parts(meta | {"dp_epsilon": "0.5"}, tensors).signature_ok()
+
+
+def test_the_policy_asks_for_dp_sgd_and_refuses_what_contradicts(tmp_path):
+    assert PrivacyPolicy().dp_sgd() is None
+    dp = PrivacyPolicy.from_dict({"piece-epsilon": 4, "piece-clip-norm": 0.5}).dp_sgd()
+    assert (dp.epsilon, dp.delta, dp.clip_norm) == (4, 1e-5, 0.5)
+    with pytest.raises(PolicyError, match="'piece-epsilon'.*null"):
+        PrivacyPolicy.from_dict({"piece-epsilon": -2})
+    with pytest.raises(PolicyError, match="'piece-epsilon' and 'epsilon-budget' contradict"):
+        PrivacyPolicy.from_dict({"piece-epsilon": 20, "epsilon-budget": 10})
+    with pytest.raises(PolicyError, match="min-hours-between-shares"):
+        PrivacyPolicy.from_dict({"min-hours-between-shares": -1})
+
+
+def test_a_dp_share_spends_its_epsilon_first_and_stops_at_the_budget(tmp_path):
+    from participants.device_privacy import share_request
+
+    device = device_with(tmp_path, {"piece-epsilon": 4, "profile-epsilon": 1, "epsilon-budget": 9})
+    for _ in range(2):
+        _, _, dp = share_request(device, ParticipantSettings())
+        assert dp.epsilon == 4
+    assert device.ledger().spent()[0] == 8
+    with pytest.raises(BudgetExceeded, match="'epsilon-budget' 9"):
+        share_request(device, ParticipantSettings())
+    assert len(device.ledger().shares()) == 2  # a refused request is not a share
+
+
+def test_a_device_shares_no_more_often_than_its_policy_allows(tmp_path):
+    from participants.device_privacy import share_request
+
+    device = device_with(tmp_path, {"min-hours-between-shares": 24})
+    share_request(device, ParticipantSettings())
+    with pytest.raises(PolicyRefused, match="'min-hours-between-shares' is 24; it shared 0.00 h ago"):
+        share_request(device, ParticipantSettings())
+    ledger = json.loads((device.root / "privacy-ledger.json").read_text())
+    ledger["shares"] = [t - 25 * 3600 for t in ledger["shares"]]  # a day and an hour later
+    (device.root / "privacy-ledger.json").write_text(json.dumps(ledger))
+    share_request(device, ParticipantSettings())
+    assert len(device.ledger().shares()) == 2
+
+
+def test_a_device_whose_policy_asks_for_dp_sgd_sends_pieces_that_say_so(tmp_path, task_identity):
+    from protocols import messages as M
+    from test_privacy_policy import ask
+
+    device = device_with(tmp_path, {"piece-epsilon": 6, "max-share-ratio": 1.0})
+    reply = ask(device, M.SHARE, {"seed-model": "tiny-random", "lora-steps": 2, "gate-steps": 1, "lora-rank": 2,
+                                  "max-len": 32, "share-ratio": 1.0})
+    pieces = M.pieces_from_records(reply.content[M.PIECES], reply.content[M.PIECE_META])
+    metrics = dict(reply.content[M.METRICS].items())
+    assert pieces and all(p.dp_epsilon == metrics["pieces-epsilon"] and p.signature_ok() for p in pieces)
+    assert 5.4 <= metrics["pieces-epsilon"] <= 6 and metrics["pieces-noise-multiplier"] > 0
+    assert device.ledger().releases()[-1] | {"time": 0} == {"what": "pieces", "epsilon": 6.0, "delta": 1e-5, "time": 0}
