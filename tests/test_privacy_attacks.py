@@ -184,6 +184,23 @@ def test_a_rerun_computes_nothing_again_and_a_new_share_ratio_only_adds_its_rows
         run_audit(replace(settings, lora_steps=5), out)
 
 
+def test_dp_sgd_sharers_are_attacked_beside_the_same_sharers_without_dp(audit):
+    out, settings, _ = audit
+    report = run_audit(replace(settings, epsilons=("none", "8")), out)
+    assert [(s["epsilon"], s["share_ratio"]) for s in report["summaries"]] == [
+        ("none", 1.0), ("none", 0.5), ("8", 1.0), ("8", 0.5)]
+    spent = json.loads((out / "dp-epsilon-8" / "sharers.json").read_text())
+    assert len(spent) == 4 and all(0 < v["epsilon"] <= 8.0 + 1e-6 for v in spent.values())
+    dp_pieces = {p.name for p in (out / "dp-epsilon-8" / "devices" / "user0").iterdir()}
+    assert dp_pieces.isdisjoint(p.name for p in (out / "no-dp" / "devices" / "user0").iterdir())  # trained anew
+    compared = {(c["setting"], c["against"]) for c in report["comparisons"]}
+    assert ("share ratio 0.5, ε = 8", "share ratio 0.5, no DP") in compared
+    dp_target = report["targets"][-1]
+    assert "ε = 8" in dp_target["target"] and dp_target["met"] in (True, False) and "gain kept" in dp_target["evidence"]
+    assert list(report["profile"]) == ["none", "8", "1"]
+    assert "DP-SGD at piece-epsilon 8" in (out / "report.md").read_text()
+
+
 def test_bad_axes_are_refused_with_the_setting_named(tmp_path):
     for bad, message in [({"share_ratios": ("1.5",)}, "share-ratios must each be within"),
                          ({"share_ratios": ("half",)}, "share-ratios must be numbers.*'half'"),

@@ -44,9 +44,8 @@ def prepare_sharers(seed: LoadedSeed, s: ParticipantSettings, sharers: list[User
     with progress(len(sharers), "sharers") as bar:
         for i, u in enumerate(sharers):
             if u.user not in stats:
-                private = {} if dp is None else {"dp": dp}  # DP-SGD: participants.dp_sgd, on main concurrently
                 result = train_and_share(seed, u.history, sent, sharer_key(s, u.user), share_seed(s, i), who=u.user,
-                                         **private)
+                                         dp=dp)
                 device = out / "devices" / u.user
                 device.mkdir(parents=True, exist_ok=True)
                 for p in result.pieces:
@@ -60,7 +59,7 @@ def prepare_sharers(seed: LoadedSeed, s: ParticipantSettings, sharers: list[User
                     "train_tokens": result.lora.tokens + result.gates.tokens, "lora_seconds": result.lora.seconds,
                     "gate_seconds": result.gates.seconds, "lora_loss_first": m["lora-loss-first"],
                     "lora_loss_last": m["lora-loss-last"], "pieces_cut": len(result.pieces),
-                    "pieces_shared": len(result.shared), "pieces_refused": len(refused)}
+                    "pieces_shared": len(result.shared), "pieces_refused": len(refused), "epsilon": result.epsilon}
                 write_json(path, stats)
             bar.update(sharer=u.user)
     return stats

@@ -69,6 +69,12 @@ def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def ngram_overlap(generation: str, reference: str, n: int) -> float:
+    """The share of the generation's n-grams found in the reference (0 when it is shorter than n words)."""
+    produced = word_ngrams(generation, n)
+    return len(produced & word_ngrams(reference, n)) / len(produced) if produced else 0.0
+
+
 def extraction_overlap(generation: str, record: PersonalRecord, n: int) -> float:
     """The share of the generation's n-grams found in the record's answer and not in its prompt (0 when the
     generation is shorter than n words)."""

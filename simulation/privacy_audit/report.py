@@ -54,9 +54,11 @@ def sharer_figures(rows: Rows, s: AuditSettings, epsilon: str, ratio: float, use
     if "extraction" in attack:
         k = s.extraction_records
         mem, other = _split(attack["extraction"], min(k, s.history))
+        raw_mem, raw_other = _split(attack["extraction_raw"], min(k, s.history))
         figures |= {"extraction_members": float(mem.mean()), "extraction_non_members": float(other.mean()),
-                    "extraction_gap": float(mem.mean() - other.mean()),
-                    "extraction_auc": auc(mem, other)}
+                    "extraction_gap": float(mem.mean() - other.mean()), "extraction_auc": auc(mem, other),
+                    "extraction_raw_members": float(raw_mem.mean()),
+                    "extraction_raw_non_members": float(raw_other.mean())}
     seed_ppl = pooled_perplexity(*(np.asarray(bare[k][m:], dtype=float) for k in ("losses", "tokens")))
     figures |= {"seed_perplexity": seed_ppl, "perpcs_perplexity": utility["perplexity"],
                 "gain": seed_ppl - utility["perplexity"], "received_max": max(utility["received"].values(), default=0.0),
@@ -82,8 +84,10 @@ def setting_summary(per_sharer: list[dict]) -> dict:
            "perpcs_perplexity": float(np.mean(column("perpcs_perplexity"))), "gain": mean_interval(column("gain")),
            "received_max": max(column("received_max")), "received_all": sum(column("received_all"))}
     if "extraction_gap" in per_sharer[0]:
-        out |= {"extraction_members": float(np.mean(column("extraction_members"))),
-                "extraction_non_members": float(np.mean(column("extraction_non_members"))),
+        out |= {name: float(np.mean(column(name))) for name in (
+                    "extraction_members", "extraction_non_members", "extraction_raw_members",
+                    "extraction_raw_non_members")}
+        out |= {
                 "extraction_gap": mean_interval(column("extraction_gap")),
                 "extraction_auc": mean_interval(column("extraction_auc"))}
     return out
@@ -196,11 +200,25 @@ def _markdown(report: dict) -> str:
              f"which it trained on; non-members: its {s['test']} held-out records) and a target assembling from the "
              f"others' shares · LoRA rank {s['lora_rank']}, {s['lora_steps']} steps, gates {s['gate_steps']} steps · "
              f"share ratio asked {s['share_ratio']:g}, each sharer sending min(asked, its policy's cap) · DP-SGD "
-             f"δ {s['dp_delta']:g}, clip {s['dp_clip_norm']:g} · top-k {s['top_k']} · rng seed {s['rng_seed']}", "",
+             f"δ {s['piece_delta']:g}, clip {s['piece_clip_norm']:g} · top-k {s['top_k']} · rng seed "
+             f"{s['rng_seed']}", *_dp_lines(report["sharers"]), "",
              "## privacy and utility per setting", "", *lines, "", NOTES.format(test=s["test"])]
     if first is not None:
         parts += ["", f"The seed's held-out perplexity, the same at every setting: {first['seed_perplexity']:.3f} "
                       f"(mean over the targets)."]
+    extraction = [item for item in summaries if "extraction_gap" in item["summary"]]
+    if extraction:
+        parts += ["", f"## extraction ({s['ngram']}-grams of {s['extraction_records']} members' and as many "
+                      f"non-members' generations per sharer)", "",
+                  "| ε | share ratio | members: beyond the prompt | non-members: beyond the prompt | members: all "
+                  "of the answer | non-members: all of the answer |", "|---|---|---|---|---|---|"]
+        for item in extraction:
+            v = item["summary"]
+            parts.append(f"| {item['epsilon']} | {item['share_ratio']:g} | {v['extraction_members']:.3f} | "
+                         f"{v['extraction_non_members']:.3f} | {v['extraction_raw_members']:.3f} | "
+                         f"{v['extraction_raw_non_members']:.3f} |")
+        parts += ["", "*All of the answer* counts n-grams the answer shares with its prompt too: copying the "
+                      "prompt scores there, and says nothing of membership."]
     if report["comparisons"]:
         parts += ["", "## paired comparisons (same sharers)", "",
                   "| setting | against | MIA AUC difference [95% CI] | p | Per-Pcs ppl difference | p | "
@@ -246,6 +264,17 @@ NOTES = ("Per setting, means over the sharers with bootstrap 95% intervals over 
          "in its prompt, members minus non-members; its AUC takes that share as the score. *Per-Pcs ppl*: the "
          "target's held-out perplexity after assembling from the other users' shares; *gain*: the seed's minus "
          "it. *Sent*: the share of its pieces each sharer sent.")
+
+
+def _dp_lines(sharers: dict[str, dict]) -> list[str]:
+    """What the accountant gave each ε's sharers (at most the ε asked)."""
+    lines = []
+    for label, stats in sharers.items():
+        spent = [v["epsilon"] for v in stats.values() if v.get("epsilon") is not None]
+        if label != NO_DP and spent:
+            lines += ["", f"DP-SGD at piece-epsilon {label}: the accountant's ε per share {min(spent):.2f}–"
+                          f"{max(spent):.2f} over {len(spent)} sharers (LoRA and gates together)."]
+    return lines
 
 
 def _name(key: tuple) -> str:

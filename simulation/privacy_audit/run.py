@@ -17,7 +17,6 @@ ratios or ε), and the report is computed from those lines alone.
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from simulation.bench.settings import check_run_dir
 from simulation.bench.sharers import device_pieces, prepare_sharers, share_seed
 from simulation.datasets import load_users
 from simulation.federation import pinned_policy
-from simulation.privacy_audit.attacks import extraction_overlap, record_pass
+from simulation.privacy_audit.attacks import extraction_overlap, ngram_overlap, record_pass
 from simulation.privacy_audit.report import write_report
 from simulation.privacy_audit.settings import DEFAULT_POLICY, NO_DP, AuditSettings, epsilon_label, epsilon_value
 from simulation.user_data import UserData
@@ -59,15 +58,8 @@ def audit_users(s: AuditSettings) -> list[UserData]:
 
 
 def dp_training(s: AuditSettings, label: str):
-    """The DP-SGD a sharer trains with at this ε (None: without DP)."""
-    if label == NO_DP:
-        return None
-    if importlib.util.find_spec("participants.dp_sgd") is None:
-        raise ValueError(f"--epsilons {label} needs DP-SGD (participants/dp_sgd.py: DpSgd and train_and_share(..., "
-                         f"dp=...)), which this checkout does not have; audit with --epsilons {NO_DP}")
-    from participants.dp_sgd import DpSgd
-
-    return DpSgd(epsilon=epsilon_value(label), delta=s.dp_delta, clip_norm=s.dp_clip_norm)
+    """The DP-SGD a sharer trains with at this ε (None: without DP), from its policy as a device reads it."""
+    return s.sharer_policy(epsilon=label).dp_sgd()
 
 
 def sharer_folder(out: Path, label: str) -> Path:
@@ -89,8 +81,6 @@ def run_audit(s: AuditSettings, out: str | Path) -> dict:
     """Run (or resume) the audit in `out`; write results.jsonl, report.json, report.md and the plots."""
     out = Path(out)
     users = audit_users(s)
-    for label in s.epsilons:
-        dp_training(s, label)  # a missing DP-SGD stops the run before any work
     check_run_dir(out, s, may_grow=("share_ratios", "epsilons"))
     seed = load_seed(s.seed_model)
     results = AuditResults(out / "results.jsonl")
@@ -144,6 +134,7 @@ def _attack(seed: LoadedSeed, s: AuditSettings, u: UserData, shared: list[Piece]
         prompted = u.history[:k] + u.test[:k]
         row["generations"] = generate(seed, prompted, adapter, max_new_tokens=s.max_new_tokens)
         row["extraction"] = [extraction_overlap(g, r, s.ngram) for g, r in zip(row["generations"], prompted)]
+        row["extraction_raw"] = [ngram_overlap(g, r.output, s.ngram) for g, r in zip(row["generations"], prompted)]
     return row
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from participants.privacy_policy import PrivacyPolicy
 from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings
 
 NO_DP = "none"
+DEFAULT_POLICY = PrivacyPolicy()  # the audit's "default policy": its share cap, its profile's ε and δ
 
 
 def epsilon_label(value) -> str:
@@ -56,13 +57,17 @@ class AuditSettings(ParticipantSettings, UserSettings):
     share_ratios: tuple[float, ...] = setting((1.0, 0.5, 0.25), "comma-separated max-share-ratio values of the "
                                               "sharers' policy, each in (0, 1]: a sharer sends min(share-ratio, "
                                               "this) of its pieces")
-    epsilons: tuple[str, ...] = setting((NO_DP,), "comma-separated ε of the sharers' DP-SGD training (LoRA and gates "
-                                                  "together): 'none' (no DP) or numbers > 0, e.g. none,8,2")
-    dp_delta: float = setting(1e-5, "δ of the sharers' DP-SGD training", low=0, high=1, low_open=True)
-    dp_clip_norm: float = setting(1.0, "per-record gradient clip norm of DP-SGD", low=0, low_open=True)
+    epsilons: tuple[str, ...] = setting((NO_DP,), "comma-separated piece-epsilon values of the sharers' policy: the ε "
+                                                  "of their DP-SGD training (LoRA and gates, one share), 'none' (no "
+                                                  "DP) or numbers > 0, e.g. none,8,2")
+    piece_delta: float = setting(PrivacyPolicy.piece_delta, "the sharers' policy key piece-delta: δ of their DP-SGD",
+                                 low=0, high=1, low_open=True)
+    piece_clip_norm: float = setting(PrivacyPolicy.piece_clip_norm, "the sharers' policy key piece-clip-norm: each "
+                                                                     "record's gradient clip in DP-SGD", low=0,
+                                     low_open=True)
     extraction: bool = setting(True, "the extraction attack: greedy generations under each sharer's pieces, the "
                                      "slowest attack")
-    extraction_records: int = setting(8, "members, and as many non-members, per sharer that the extraction attack "
+    extraction_records: int = setting(4, "members, and as many non-members, per sharer that the extraction attack "
                                          "generates for", low=1)
     ngram: int = setting(8, "word n-gram length of the extraction attack", low=1)
     test: int = same_as(UserSettings, "test", default=16, help="held-out items per user: the non-members of its "
@@ -88,12 +93,16 @@ class AuditSettings(ParticipantSettings, UserSettings):
               not self.share_ratios and "share-ratios: give at least one",
               not self.epsilons and "epsilons: give at least one ('none': no DP)")
 
+    def sharer_policy(self, max_share_ratio: float = DEFAULT_POLICY.max_share_ratio,
+                      epsilon: str = NO_DP) -> PrivacyPolicy:
+        """The policy of a sharer at one setting of the audit: the defaults with its share cap and DP-SGD."""
+        return replace(DEFAULT_POLICY, max_share_ratio=max_share_ratio, piece_epsilon=epsilon_value(epsilon),
+                       piece_delta=self.piece_delta, piece_clip_norm=self.piece_clip_norm)
+
     def sent_share_ratio(self, max_share_ratio: float) -> float:
         """What a sharer whose policy caps its share at `max_share_ratio` sends when share-ratio is asked."""
-        return PrivacyPolicy(max_share_ratio=max_share_ratio).share_ratio(self.share_ratio)
+        return self.sharer_policy(max_share_ratio).share_ratio(self.share_ratio)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
-
-DEFAULT_POLICY = PrivacyPolicy()  # the audit's "default policy": its share cap, and its profile's ε and δ
