@@ -17,8 +17,8 @@ from participants.evaluation import perplexity
 from participants.lora_training import LoraSettings, train_private_lora
 from participants.privacy_policy import PrivacyPolicy
 from protocols.records import PersonalRecord, save_records
-from simulation.privacy_audit.attacks import (auc, extraction_overlap, pooled_perplexity, record_pass, tpr_at_fpr,
-                                              word_ngrams)
+from simulation.privacy_audit.attacks import (auc, chance_aucs, extraction_overlap, ngram_overlap,
+                                              pooled_perplexity, record_pass, tpr_at_fpr, word_ngrams)
 from simulation.privacy_audit.run import run_audit
 from simulation.privacy_audit.settings import AuditSettings
 
@@ -45,6 +45,15 @@ def test_auc_is_chance_on_one_distribution_and_extreme_when_separated():
         auc([], [1.0])
 
 
+def test_chance_aucs_follow_the_mann_whitney_null():
+    means, maxes = chance_aucs(16, 16, 1, draws=20_000)
+    assert np.array_equal(means, maxes) and abs(means.mean() - 0.5) < 0.005
+    assert means.std() == pytest.approx(np.sqrt(33 / (12 * 16 * 16)), rel=0.05)  # var U = n1 n2 (n1 + n2 + 1) / 12
+    means, maxes = chance_aucs(16, 16, 16)
+    assert means.std() == pytest.approx(np.sqrt(33 / (12 * 16 * 16)) / 4, rel=0.1)
+    assert np.mean(maxes > 0.65) > 0.5  # with 16 sharers, one of them looks leaky by chance more often than not
+
+
 def test_tpr_at_a_low_fpr_reads_the_roc_curve_at_that_fpr():
     non_members = np.arange(100) / 100  # 0.00 .. 0.99
     members = [2.0, 1.5, 0.985, 0.5]
@@ -62,6 +71,8 @@ def test_extraction_counts_the_answers_ngrams_the_prompt_does_not_give_away():
     assert extraction_overlap("tell me about the quiet lake", record, 3) == 0.0  # copying the prompt proves nothing
     assert extraction_overlap("cold in", record, 3) == 0.0  # shorter than n words
     assert extraction_overlap("something else entirely here", record, 3) == 0.0
+    assert ngram_overlap("tell me about the quiet lake", record.output, 3) == 0.25  # the plain overlap counts the prompt
+    assert ngram_overlap("about the quiet lake is", record.output, 3) == pytest.approx(2 / 3)
 
 
 # --- one forward pass per record ---------------------------------------------------------------------------------

@@ -51,6 +51,17 @@ def tpr_at_fpr(members: Sequence[float], non_members: Sequence[float], fpr: floa
     return float(true_pos[false_pos <= fpr].max())
 
 
+def chance_aucs(members: int, non_members: int, sharers: int, *, draws: int = 4000,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and the max over `sharers` per-sharer AUCs when the attack learns nothing (scores independent of
+    membership), `draws` times: what the figures of an attack that leaks nothing look like at these sizes."""
+    rng = np.random.default_rng(seed)
+    ranks = rng.random((draws, sharers, members + non_members)).argsort(axis=-1).argsort(axis=-1) + 1
+    u = ranks[..., :members].sum(axis=-1) - members * (members + 1) / 2  # Mann-Whitney U of the members
+    aucs = u / (members * non_members)
+    return aucs.mean(axis=-1), aucs.max(axis=-1)
+
+
 def _labeled(members: Sequence[float], non_members: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     if not len(members) or not len(non_members):
         raise ValueError(f"an attack needs members and non-members, got {len(members)} and {len(non_members)}")
