@@ -57,16 +57,21 @@ class Assembly:
         return float(self.rank)  # scaling 1: it is already inside B
 
 
-def _token_scores(x: torch.Tensor, gates_ln: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-candidate score: token mean over the mask per example, then mean over examples."""
+def example_scores(x: torch.Tensor, gates_ln: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's score of each candidate, the mean over its masked tokens of LN(x)·LN(g)/sqrt(d): (b, n);
+    and which examples have a masked token at all (those whose answer was cut away entirely carry no signal)."""
     d = x.shape[-1]
     h = F.layer_norm(x.float(), (d,))
     s = torch.einsum("btd,nd->btn", h, gates_ln) / math.sqrt(d)
     m = mask.unsqueeze(-1).float()
     counts = m.sum(dim=1)  # (b, 1)
-    keep = counts.squeeze(-1) > 0  # examples whose answer was cut away entirely carry no signal
-    per_example = (s * m).sum(dim=1)[keep] / counts[keep]
-    return per_example.mean(dim=0)
+    return (s * m).sum(dim=1) / counts.clamp(min=1), counts.squeeze(-1) > 0
+
+
+def _token_scores(x: torch.Tensor, gates_ln: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-candidate score: token mean over the mask per example, then mean over examples."""
+    per_example, keep = example_scores(x, gates_ln, mask)
+    return per_example[keep].mean(dim=0)
 
 
 def _history_batches(seed: LoadedSeed, history: list[PersonalRecord], settings: AssemblySettings):

@@ -42,11 +42,16 @@ def embed_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
     return np.asarray(vectors, dtype=np.float32)
 
 
+def record_embeddings(records: Sequence[PersonalRecord]) -> np.ndarray:
+    """One unit-length MiniLM embedding per record, of its "input\\noutput" text: what a profile averages."""
+    return embed_texts([f"{r.input}\n{r.output}" for r in records])
+
+
 def mean_embedding(records: Sequence[PersonalRecord]) -> np.ndarray:
     """The mean MiniLM embedding of a history's "input\\noutput" texts."""
     if not records:
         raise ValueError("a profile needs at least one history record")
-    return embed_texts([f"{r.input}\n{r.output}" for r in records]).mean(axis=0)
+    return record_embeddings(records).mean(axis=0)
 
 
 def unit_profile(records: Sequence[PersonalRecord]) -> np.ndarray:
@@ -88,7 +93,7 @@ def noised_profile(records: Sequence[PersonalRecord], *, rng: np.random.Generato
     if not records:
         raise ValueError("a profile needs at least one history record")
     n = len(records)
-    mean = clipped_mean(embed_texts([f"{r.input}\n{r.output}" for r in records]), clip_norm)
+    mean = clipped_mean(record_embeddings(records), clip_norm)
     sigma = gaussian_sigma(epsilon, delta, 2.0 * clip_norm / n)
     noised = mean + rng.normal(0.0, sigma, size=mean.shape)
     norm = np.linalg.norm(noised)

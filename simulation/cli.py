@@ -23,7 +23,8 @@ def add_settings_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         if "help" not in f.metadata or f.name in skip:
             continue
         default = defaults.get(f.name, f.default)
-        shown = "none" if default in ("", None, ()) else default
+        shown = "none" if default in ("", None, ()) else ",".join(map(str, default)) if isinstance(default, tuple) \
+            else default
         extra = ", ".join(x for x in (describe_range(f), f"default {shown}" + (", or the preset's" if preset else ""))
                           if x)
         kw = {"dest": f.name, "help": f"{f.metadata['help']} ({extra})".replace("%", "%%"),
@@ -169,6 +170,30 @@ def cmd_bench(args) -> int:
               f"({t['evidence']})")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _add_privacy_audit(sub) -> None:
+    from simulation.privacy_audit.settings import AuditSettings
+
+    p = sub.add_parser("privacy-audit", help="attack what sharers release (membership inference, extraction, gates, "
+                                             "profile) against the share ratio and DP-SGD's ε, beside Per-Pcs's "
+                                             "utility, on real data")
+    p.add_argument("--out", default="runs/privacy-audit", help="run directory; rerun with the same settings to "
+                                                                "resume or to add share ratios or ε (default "
+                                                                "%(default)s)")
+    add_settings_flags(p, AuditSettings, skip=("generate", "max_seed_distance"))
+    p.set_defaults(func=cmd_privacy_audit)
+
+
+def cmd_privacy_audit(args) -> int:
+    from simulation.privacy_audit.run import run_audit
+    from simulation.privacy_audit.settings import AuditSettings
+
+    settings = settings_from(args, AuditSettings)
+    _local_model(settings.seed_model)
+    report = run_audit(settings, args.out)
+    print((Path(args.out) / "report.md").read_text().split("\n## plots")[0])
+    return 0 if report["summaries"] else 1
 
 
 def _add_pool(sub) -> None:
@@ -450,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_bench(sub)
+    _add_privacy_audit(sub)
     _add_pool(sub)
     _add_seeds(sub)
     _add_catalog(sub)

@@ -9,13 +9,16 @@ import pytest
 from conftest import tiny_catalog
 
 from coordinator.pool import PiecePool
+from coordinator.validation import RegisteredSeed, seed_shapes
+from participants.privacy_policy import PrivacyPolicy
 from participants.seed_loading import is_loaded
 from protocols.records import PersonalRecord, save_records
 from simulation.bench import run as bench_run
 from simulation.bench import seeds as bench_seeds
+from simulation.bench.methods import Bench
 from simulation.bench.run import run_bench
 from simulation.bench.settings import METHODS, BenchSettings, resolve_settings
-from simulation.bench.sharers import device_pieces
+from simulation.bench.sharers import device_pieces, prepare_sharers
 from simulation.bench.sweeps import sweep_values
 from simulation.bench.users import split_users
 from simulation.user_data import UserData
@@ -29,9 +32,11 @@ def tiny_settings(root, **changes) -> BenchSettings:
     recs = [PersonalRecord(f"user{u}", f"tell me about item {i}", f"{s} item {i} is fine {s}")
             for u, s in enumerate(STYLES) for i in range(9)]
     save_records(recs, root / "data.jsonl")
+    # three sharers sending all their pieces, so that every position has candidates (the policy's cap: below)
     return resolve_settings(**{"data": str(root / "data.jsonl"), "seed_model": "tiny-random", "sharers": 3,
-                               "targets": 2, "history": 6, "test": 3, "lora_steps": 4, "gate_steps": 2, "lora_rank": 4,
-                               "lora_alpha": 8.0, "max_len": 48, "max_new_tokens": 4} | changes)
+                               "targets": 2, "history": 6, "test": 3, "lora_steps": 4, "gate_steps": 2,
+                               "lora_rank": 4, "lora_alpha": 8.0, "max_len": 48, "max_new_tokens": 4,
+                               "max_share_ratio": 1.0} | changes)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +112,24 @@ def test_a_changed_judge_rescores_the_stored_generations_without_rerunning(bench
     again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r.get("fidelity") for r in again] == [r.get("fidelity") for r in rows]
     assert all(r["judge"] != "old" for r in again if r["kind"] == "method")
+
+
+def test_sharers_send_what_their_default_policy_allows(tmp_path, tiny_seed):
+    settings = replace(tiny_settings(tmp_path), max_share_ratio=resolve_settings().max_share_ratio)
+    assert settings.max_share_ratio == PrivacyPolicy().max_share_ratio < 1 == settings.share_ratio
+    sharers, _ = split_users(settings)
+    with PiecePool(tmp_path / "pool") as pool:
+        pool.register_seed(RegisteredSeed(tiny_seed.descriptor.seed_id, tiny_seed.descriptor.content_hash,
+                                          seed_shapes(tiny_seed.descriptor.path)))
+        prepare_sharers(tiny_seed, settings, sharers, tmp_path, pool, settings.sent_share_ratio())
+        in_pool = {pid for pid, *_ in pool.gates(tiny_seed.descriptor.seed_id)}
+    full = {u.user: device_pieces(tmp_path, u.user) for u in sharers}
+    for pieces in full.values():
+        assert len({p.piece_id for p in pieces} & in_pool) == round(settings.max_share_ratio * len(pieces))
+    bench = Bench(tiny_seed, settings, tmp_path, [u.user for u in sharers], [], full, {})
+    assert {p.piece_id for p in bench.shared(len(sharers), 1.0)} == in_pool  # the sweeps draw what was sent
+    assert sweep_values("share-ratio", settings) == [0.25, 0.5]
+    assert sweep_values("share-ratio", replace(settings, max_share_ratio=1.0)) == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_fidelity_classifier_never_sees_held_out_items():

@@ -18,7 +18,7 @@ def test_paired_comparison_finds_a_consistent_difference_and_not_a_null_one():
     null = paired_comparison(base + np.concatenate([e, -e]), base, lower_is_better=True)  # differences symmetric
     assert abs(null["diff"]) < 1e-12
     assert null["p_value"] > 0.05 and null["ci_low"] < 0 < null["ci_high"]
-    with pytest.raises(ValueError, match="equal-length"):
+    with pytest.raises(ValueError, match="the same users on both sides"):
         paired_comparison([1, 2], [1, 2, 3], lower_is_better=True)
 
 

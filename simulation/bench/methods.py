@@ -80,9 +80,11 @@ class Bench:
         return self.out / "adapters" / target / method
 
     def shared(self, n_sharers: int, share_ratio: float) -> list[Piece]:
-        """The pool the first n sharers would make at this share ratio (the same draw as the real pool)."""
+        """The pool the first n sharers would make when asked for this share ratio, each sending what its policy
+        allows (the same draw as the real pool)."""
+        sent = self.s.sent_share_ratio(share_ratio)
         pieces = [p for i, u in enumerate(self.sharers[:n_sharers])
-                  for p in choose_share(self.sharer_pieces[u], share_ratio, rng_seed=share_seed(self.s, i))]
+                  for p in choose_share(self.sharer_pieces[u], sent, rng_seed=share_seed(self.s, i))]
         return sorted(pieces, key=lambda p: (p.position, p.piece_id))
 
 

@@ -2,13 +2,16 @@
 
 A method is compared with another on the targets both ran on, one difference per target (method − other, so a
 negative perplexity difference means the method is better). The Wilcoxon signed-rank test uses the sizes of the
-differences, the sign test only their signs; both are two-sided.
+differences, the sign test only their signs; both are two-sided. The interval and the Wilcoxon test are
+simulation.paired_stats's, as in the other benchmarks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
+
+from simulation.paired_stats import paired_difference
 
 
 def paired_comparison(mine: dict[str, float], other: dict[str, float], *, resamples: int = 10_000,
@@ -18,15 +21,11 @@ def paired_comparison(mine: dict[str, float], other: dict[str, float], *, resamp
     if len(users) < 2:
         return None
     d = np.array([mine[u] - other[u] for u in users], float)
-    rng = np.random.default_rng(rng_seed)
-    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    nonzero = d[d != 0]
+    both = paired_difference([mine[u] for u in users], [other[u] for u in users], resamples=resamples, seed=rng_seed)
     wins, losses = int((d < 0).sum()), int((d > 0).sum())
-    wilcoxon = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
     sign = float(stats.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else 1.0
-    return {"n": len(users), "mean_diff": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
-            "median_diff": float(np.median(d)), "lower": wins, "higher": losses, "wilcoxon_p": wilcoxon,
+    return {"n": len(users), "mean_diff": both["mean"], "ci_low": both["low"], "ci_high": both["high"],
+            "median_diff": float(np.median(d)), "lower": wins, "higher": losses, "wilcoxon_p": both["p"],
             "sign_p": sign, "differences": dict(zip(users, d.tolist()))}
 
 

@@ -199,6 +199,10 @@ NOTES = ("Means over the targets. Cost counts the method's own work, not the eva
          "to the generation budget, assigns to the target's label.")
 
 
+def _sent(s: dict) -> float:
+    return min(s["share_ratio"], s.get("max_share_ratio", 1.0))  # before the policy, sharers sent what was asked
+
+
 def _markdown(report: dict) -> str:
     s, sharers = report["settings"], report["sharers"].values()
     run = (f"{len(report['sharers'])} sharers, {len(report['targets_users'])} targets · history {s['history']}, "
@@ -206,8 +210,8 @@ def _markdown(report: dict) -> str:
            f"gates {s.get('gate_objective', 'lm')}"
            f"{'' if s.get('gate_objective', 'lm') == 'centroid' else ' ' + str(s['gate_steps']) + ' steps'}, "
            f"mix {s.get('mix', 'ab')}, "
-           f"fine-tune {s['ft_steps']} steps · share ratio {s['share_ratio']}, top-k {s['top_k']}, shortlist {s['shortlist']} · "
-           f"rng seed {s['rng_seed']}")
+           f"fine-tune {s['ft_steps']} steps · share ratio {s['share_ratio']} asked, {_sent(s)} sent (the sharers' "
+           f"policy) · top-k {s['top_k']}, shortlist {s['shortlist']} · rng seed {s['rng_seed']}")
     sharer_cost = (f"Sharers (once for all targets, mean of {len(report['sharers'])}): upload "
                    f"{_bytes(np.mean([v['upload_bytes'] for v in sharers]))}, training "
                    f"{np.mean([v['train_seconds'] for v in sharers]):.1f} s, "

@@ -57,7 +57,8 @@ def _share(g: SeedGroup, s: BenchSettings, out: Path, pool: PiecePool, stats: di
     desc = materialize(g.source)
     pool.register_seed(RegisteredSeed(desc.seed_id, desc.content_hash, seed_shapes(desc.path)))
     if any(u.user not in stats for u in g.sharers):
-        stats = prepare_sharers(load_seed(g.source, precision=s.precision), s, g.sharers, out, pool)
+        stats = prepare_sharers(load_seed(g.source, precision=s.precision), s, g.sharers, out, pool,
+                                s.sent_share_ratio())
     return stats, pool.get([pid for pid, *_ in pool.gates(desc.seed_id)])
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 from coordinator.settings import RunSettings
+from participants.privacy_policy import PrivacyPolicy
 from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings, is_styleqa
 
@@ -45,6 +47,9 @@ PRESETS: dict[str, dict[str, dict]] = {
 class BenchSettings(ParticipantSettings, UserSettings):
     sharers: int = same_as(RunSettings, "sharers")
     targets: int = setting(2, "users who get every method and are evaluated (disjoint from the sharers)", low=1)
+    max_share_ratio: float = setting(PrivacyPolicy.max_share_ratio, "every sharer's policy.json max-share-ratio: it "
+                                     "sends min(share-ratio, this) of its pieces, as a device does", low=0, high=1,
+                                     low_open=True)
     ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4); perpcs+zo takes "
                                          "zo-step-factor times as many zeroth-order steps", low=1)
     sweep: tuple[str, ...] = setting((), f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity as "
@@ -56,6 +61,9 @@ class BenchSettings(ParticipantSettings, UserSettings):
     catalog: str = same_as(RunSettings, "catalog", help="a seed catalog folder (`bouquet seeds build`, built on "
                            "--seed-model): every sharer and target first picks its seed on its own history, and "
                            "each target's methods run on its seed (\"\": all on --seed-model)")
+
+    # what a run directory written before a setting existed ran with, where that is not today's default
+    RAN_BEFORE: ClassVar[dict] = {"max_share_ratio": 1.0}
 
     def __post_init__(self) -> None:
         if self.ft_steps is None:
@@ -77,6 +85,11 @@ class BenchSettings(ParticipantSettings, UserSettings):
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
+    def sent_share_ratio(self, requested: float | None = None) -> float:
+        """The share a sharer sends when `requested` (default: share-ratio) is asked: what its policy allows."""
+        policy = PrivacyPolicy(max_share_ratio=self.max_share_ratio)
+        return policy.share_ratio(self.share_ratio if requested is None else requested)
+
 
 def resolve_settings(preset: str | None = None, **flags) -> BenchSettings:
     """The defaults, then the preset's values for this kind of data, then every flag given (not None)."""
@@ -94,13 +107,16 @@ def resolve_settings(preset: str | None = None, **flags) -> BenchSettings:
     return BenchSettings(**values)
 
 
-def check_run_dir(out: Path, settings: BenchSettings) -> None:
-    """Record the settings in out/settings.json, or refuse when the run there used other ones."""
+def check_run_dir(out: Path, settings, may_grow: tuple[str, ...] = ("sweep", "methods")) -> None:
+    """Record the settings in out/settings.json, or refuse when the run there used other ones (those named in
+    `may_grow`, lists of sweep points, may differ: a rerun adds points). `settings`: a settings dataclass with
+    to_json(), such as BenchSettings."""
     path = out / "settings.json"
     mine = settings.to_json()
     if path.exists():
-        theirs = BenchSettings().to_json() | json.loads(path.read_text())  # settings added since: their defaults
-        differ = sorted(k for k in mine.keys() | theirs.keys() if k not in ("sweep", "methods") and mine.get(k) != theirs.get(k))
+        # settings added since: their defaults, or what runs from before them did
+        theirs = type(settings)().to_json() | getattr(settings, "RAN_BEFORE", {}) | json.loads(path.read_text())
+        differ = sorted(k for k in mine.keys() | theirs.keys() if k not in may_grow and mine.get(k) != theirs.get(k))
         if differ:
             changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
             raise ValueError(f"{out} holds a bench run with other settings ({changes}); rerun with the same "

@@ -17,7 +17,9 @@ def _doublings(limit: int) -> list[int]:
 
 
 def sweep_values(name: str, s: BenchSettings) -> list:
-    return {"share-ratio": [0.25, 0.5, 0.75, 1.0], "top-k": sorted(set(_doublings(s.sharers)) | {s.top_k}),
+    # share ratios beyond what the sharers' policy sends would repeat its cap: --max-share-ratio 1 to see them
+    ratios = sorted({r for r in (0.25, 0.5, 0.75, 1.0) if r <= s.max_share_ratio} | {s.max_share_ratio})
+    return {"share-ratio": ratios, "top-k": sorted(set(_doublings(s.sharers)) | {s.top_k}),
             "sharers": _doublings(s.sharers), "history": _doublings(s.history)}[name]
 
 
