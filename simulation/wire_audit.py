@@ -10,8 +10,11 @@ held-out records; `leaks` finds any of them in what was recorded or written.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -75,6 +78,21 @@ class RecordingGrid:
             self.messages += [("sent", m.metadata.message_type, message_bytes(m)) for m in messages]
             self.messages += [("received", r.metadata.message_type, message_bytes(r)) for r in replies]
         return replies
+
+
+@contextmanager
+def coordinator_log():
+    """Everything the coordinator side logs (bouquet's and Flower's loggers) while inside, as a StringIO."""
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield captured
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
 
 
 def auditing_server_app(settings: RunSettings, grid_box: list) -> ServerApp:

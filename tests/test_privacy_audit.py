@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import random
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from protocols.records import PersonalRecord, save_records
 from simulation.federation import prepare_devices, simulate_devices
 from simulation.settings import SimulateSettings
 from simulation.user_data import UserData
-from simulation.wire_audit import auditing_server_app, coordinator_blobs, leaks, private_texts
+from simulation.wire_audit import auditing_server_app, coordinator_blobs, coordinator_log, leaks, private_texts
 
 NAMES = ["Ottoline-Quarrington", "Bartholomew-Vexley", "Philippa-Zanzibar", "Evander-Mulgrave"]
 WORDS = ("lantern marzipan quixotic harbour velvet juniper obsidian tangerine walrus cobalt pergola saffron "
@@ -62,17 +61,9 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
     save_records([broken[0], PersonalRecord(NAMES[-1], broken[1].input, broken[1].output, id=broken[0].id)],
                  run_dir / "devices" / "3" / "history.jsonl")
 
-    coordinator_log = io.StringIO()
-    handler = logging.StreamHandler(coordinator_log)
-    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
-    for lg in loggers:
-        lg.addHandler(handler)
     grids: list = []
-    try:
+    with coordinator_log() as captured:
         summary = simulate_devices(run_dir, mapping, settings, server_app=auditing_server_app(settings, grids))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
 
     # the round did all it should, so that every kind of message was audited
     (grid,) = grids
@@ -83,10 +74,10 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
 
     secrets = private_texts(users, run_dir, public=[(catalog.folder / "catalog.json").read_text()])
     assert len(secrets) > 1000 and set(NAMES) <= secrets
-    blobs = coordinator_blobs(run_dir, grid, coordinator_log.getvalue())
+    blobs = coordinator_blobs(run_dir, grid, captured.getvalue())
     assert sum(name.startswith("message ") for name in blobs) == len(grid.messages) > 0
     assert "metrics.json" in blobs and any(name.startswith("pool") for name in blobs)
-    assert "sharers" in coordinator_log.getvalue()  # the log was captured
+    assert "sharers" in captured.getvalue()  # the log was captured
     assert leaks(blobs, secrets) == []
     # and the search itself finds what it looks for
     assert leaks({"a device file": (run_dir / "devices" / "0" / "history.jsonl").read_bytes()}, secrets)
