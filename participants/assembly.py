@@ -41,6 +41,7 @@ class AssemblySettings:
     shortlist: int = ParticipantSettings.shortlist  # pieces per position fetched after the gate phase (>= top_k)
     batch_size: int = ParticipantSettings.assembly_batch_size
     max_len: int = ParticipantSettings.max_len
+    mix: str = ParticipantSettings.mix  # "ab": A and B averaged separately; "dw": the updates B A averaged
 
 
 @dataclass
@@ -78,9 +79,9 @@ def _history_batches(seed: LoadedSeed, history: list[PersonalRecord], settings: 
     return list(batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device))
 
 
-def shortlist(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple[str, str, int, np.ndarray]],
-              settings: AssemblySettings) -> list[str]:
-    """Phase 1: ids of the best `settings.shortlist` pieces per position, scored on the bare seed."""
+def gate_scores(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple[str, str, int, np.ndarray]],
+                settings: AssemblySettings) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Every gate's score on the bare seed, per position: (piece ids, summed scores over history batches)."""
     by_pos: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
     for pid, pos, _rank, g in gates:
         by_pos[pos].append((pid, g))
@@ -102,10 +103,16 @@ def shortlist(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple
     finally:
         for h in handles:
             h.remove()
+    return {pos: ([pid for pid, _ in cands], totals[pos]) for pos, cands in by_pos.items()}
+
+
+def shortlist(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple[str, str, int, np.ndarray]],
+              settings: AssemblySettings) -> list[str]:
+    """Phase 1: ids of the best `settings.shortlist` pieces per position, scored on the bare seed."""
     keep = []
-    for pos, cands in by_pos.items():
-        order = torch.argsort(totals[pos], descending=True)[: settings.shortlist].tolist()
-        keep.extend(cands[i][0] for i in order)
+    for ids, totals in gate_scores(seed, history, gates, settings).values():
+        order = torch.argsort(totals, descending=True)[: settings.shortlist].tolist()
+        keep.extend(ids[i] for i in order)
     return keep
 
 
@@ -132,7 +139,8 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
             grouped[p.position].append(p)
     positions = {pos: _Position(ps, seed.device) for pos, ps in grouped.items()}
     sums = {pos: [0.0, 0.0] for pos in positions}
-    result = Assembly(weights={}, rank=rank)
+    piece_weights = {pos: torch.zeros(len(c.ids), device=seed.device) for pos, c in positions.items()}
+    result = Assembly(weights={}, rank=rank * settings.top_k if settings.mix == "dw" else rank)
     state: dict = {}
 
     def make_hook(pos: str):
@@ -144,11 +152,15 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
             k = min(settings.top_k, len(cand.ids))
             top_scores, top = torch.topk(scores, k)
             w = torch.softmax(top_scores / settings.temperature, dim=0)
+            state["choices"][pos] = [(cand.ids[i], float(wi)) for i, wi in zip(top.tolist(), w.tolist())]
+            if settings.mix == "dw":  # sum_j w_j B_j A_j x: each piece's own update, no cross terms B_i A_j
+                piece_weights[pos][top] += w
+                xa = torch.einsum("btd,nrd->btnr", x, cand.A[top].to(x.dtype))
+                return out + torch.einsum("btnr,nor,n->bto", xa, cand.B[top].to(x.dtype), w.to(x.dtype))
             A = torch.einsum("n,nrd->rd", w, cand.A[top])
             B = torch.einsum("n,nor->or", w, cand.B[top])
             sums[pos][0] = sums[pos][0] + A
             sums[pos][1] = sums[pos][1] + B
-            state["choices"][pos] = [(cand.ids[i], float(wi)) for i, wi in zip(top.tolist(), w.tolist())]
             return out + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
         return hook
 
@@ -168,9 +180,31 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
         for h in handles:
             h.remove()
     n = len(hist)
-    result.weights = {pos: ((a / n).cpu().numpy(), (b / n).cpu().numpy()) for pos, (a, b) in sums.items()}
+    if settings.mix == "dw":
+        result.weights = {pos: _low_rank(positions[pos].A, positions[pos].B, piece_weights[pos] / n, result.rank)
+                          for pos in positions}
+    else:
+        result.weights = {pos: ((a / n).cpu().numpy(), (b / n).cpu().numpy()) for pos, (a, b) in sums.items()}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _low_rank(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """sum_j w_j B_j A_j as factors (A', B') of `rank`: exact when at most rank / r pieces carry weight, else
+    its best rank-`rank` approximation (SVD). The factors share the singular values evenly."""
+    used = torch.nonzero(w > 0).flatten()
+    A_cat = A[used].reshape(-1, A.shape[-1])  # (m r, d_in)
+    B_cat = torch.cat([w[j] * B[j] for j in used.tolist()], dim=1)  # (d_out, m r)
+    Qb, Rb = torch.linalg.qr(B_cat.double())
+    Qa, Ra = torch.linalg.qr(A_cat.T.double())
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    keep = min(rank, len(S))
+    root = S[:keep].sqrt()
+    B_new = torch.zeros(B.shape[1], rank, dtype=torch.float64, device=A.device)
+    A_new = torch.zeros(rank, A.shape[-1], dtype=torch.float64, device=A.device)
+    B_new[:, :keep] = Qb @ U[:, :keep] * root
+    A_new[:keep] = root[:, None] * (Vh[:keep] @ Qa.T)
+    return A_new.float().cpu().numpy(), B_new.float().cpu().numpy()
 
 
 def _common_rank(pieces: list[Piece]) -> int:
@@ -195,7 +229,13 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed
         idx = rng.choice(len(ps), size=k, replace=False)
         w = np.exp(rng.standard_normal(k) / settings.temperature).astype(np.float32)
         w /= w.sum()
-        weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
-                        sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling) for wi, i in zip(w, idx)))
+        if settings.mix == "dw":
+            A = torch.from_numpy(np.stack([ps[i].A for i in idx]).astype(np.float32))
+            B = torch.from_numpy(np.stack([ps[i].B * np.float32(ps[i].scaling) for i in idx]).astype(np.float32))
+            weights[pos] = _low_rank(A, B, torch.from_numpy(w), rank * settings.top_k)
+        else:
+            weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
+                            sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling) for wi, i in zip(w, idx)))
         choices[pos] = [(ps[i].piece_id, float(wi)) for i, wi in zip(idx, w)]
-    return Assembly(weights=weights, rank=rank, choices=[choices])
+    return Assembly(weights=weights, rank=rank * settings.top_k if settings.mix == "dw" else rank,
+                    choices=[choices])

@@ -23,8 +23,10 @@ from participants.device_privacy import release_profile, report_allowed_metrics,
 from participants.error_replies import plain_errors
 from participants.evaluation import evaluate
 from participants.newcomer import assemble_pieces, shortlist_pieces
-from participants.seed_loading import LoadedSeed, load_seed
+from participants.precision import resolve_precision
+from participants.seed_loading import LoadedSeed, load_seed, pick_device
 from participants.sharing import train_and_share
+from participants.trainer_choice import fit_trainer
 from protocols import messages as M
 from protocols.identity import key_id, public_bytes
 from protocols.settings import ParticipantSettings, from_config
@@ -43,6 +45,7 @@ def _request(msg: Message, context: Context) -> tuple[ParticipantSettings, Devic
     s = _settings(msg)
     device = Device.from_node_config(context.node_config)
     device.limits().check_settings(s)
+    resolve_precision(s.precision, pick_device())  # bf16 asked of hardware without it: refused before any work
     device.policy()  # a broken policy.json stops every request, naming the file and the key
     return s, device
 
@@ -50,10 +53,10 @@ def _request(msg: Message, context: Context) -> tuple[ParticipantSettings, Devic
 def _seed(msg: Message, s: ParticipantSettings, device: Device) -> LoadedSeed:
     """The run's base, or the catalog seed the coordinator names (by name and hash), from the device's catalog."""
     if M.SEED not in msg.content:
-        return load_seed(s.seed_model)
+        return load_seed(s.seed_model, precision=s.precision)
     ref = msg.content[M.SEED]
     name, content_hash = str(ref["catalog-seed"]), str(ref["content-hash"])
-    seed = load_seed(str(device.catalog_seed_folder(name)))
+    seed = load_seed(str(device.catalog_seed_folder(name)), precision=s.precision)
     if seed.descriptor.content_hash != content_hash:
         raise ValueError(f"catalog seed {name!r} on this device has weights {seed.descriptor.content_hash[:12]}…, "
                          f"the coordinator's has {content_hash[:12]}…: update the device's catalog")
@@ -77,7 +80,7 @@ def style(msg: Message, context: Context) -> Message:
     s, device = _request(msg, context)
     catalog = catalog_from_json(str(msg.content[M.CATALOG]["json"]))
     start = time.perf_counter()
-    selection, own = choose_from_catalog(load_seed(catalog.base), device.history(), catalog,
+    selection, own = choose_from_catalog(load_seed(catalog.base, precision=s.precision), device.history(), catalog,
                                          s.max_seed_distance or float("inf"))
     log.info("%s", selection.reason)
     return _reply(msg, **{
@@ -106,7 +109,9 @@ def share(msg: Message, context: Context) -> Message:
     s, device = _request(msg, context)
     s, share_seed, dp = share_request(device, s)  # the policy's share ratio and randomness, or its refusal
     history = device.history()
-    result = train_and_share(_seed(msg, s, device), history, s, device.key(), share_seed, dp=dp)
+    seed = _seed(msg, s, device)
+    s = fit_trainer(seed, s, device.limits().memory_mib)  # the trainer that fits the device's memory, or a refusal
+    result = train_and_share(seed, history, s, device.key(), share_seed, dp=dp)
     arrays, meta = M.pieces_to_records(result.shared)
     metrics = MetricRecord({"num-examples": len(history), **result.metrics(), "share-ratio": s.share_ratio,
                             "upload-bytes": int(arrays.count_bytes())})

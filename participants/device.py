@@ -4,6 +4,9 @@ On a real device the SuperNode is started with `--node-config "device-dir='/path
 simulation every virtual participant gets `$BOUQUET_DEVICES_ROOT/<partition-id>/`, prepared by
 `bouquet simulate`. Layout:
     history.jsonl   the personal records it trains on or assembles with
+    buffer.json     its stream buffer, when records arrive one at a time (`bouquet device add`;
+                    participants.stream_buffer): then what it trains on and assembles with is the buffer's
+                    annotated items and the pairs its model wrote like them, and history.jsonl is not read
     test.jsonl      held-out records for evaluation (optional)
     key.pem         its Ed25519 signing key (created on first use)
     adapter/        its assembled adapter, a PEFT LoRA folder
@@ -28,6 +31,7 @@ from pathlib import Path
 from participants.limits import LIMITS_FILE, UNBOUNDED, DeviceLimits
 from participants.privacy_ledger import LEDGER_FILE, PrivacyLedger
 from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
+from participants.stream_buffer import load_buffer
 from protocols.catalog import SEEDS_DIR
 from protocols.identity import load_or_create_key
 from protocols.records import PersonalRecord, load_records
@@ -55,7 +59,19 @@ class Device:
                            "--node-config \"device-dir='/path/to/device'\" (a folder holding history.jsonl)")
 
     def history(self) -> list[PersonalRecord]:
-        return load_records(self.root / "history.jsonl")
+        """The records it trains on: its buffer's annotated items and kept pairs when it has a buffer, else
+        history.jsonl."""
+        buffer = load_buffer(self.root)
+        if buffer is None:
+            if not (self.root / "history.jsonl").exists():
+                raise FileNotFoundError(f"{self.root} holds neither history.jsonl nor a stream buffer: give it "
+                                        f"records (`bouquet device init --data FILE` or `bouquet device add`)")
+            return load_records(self.root / "history.jsonl")
+        records = buffer.training_records()
+        if not records:
+            raise RuntimeError(f"{self.root}'s buffer holds no annotated item yet: annotate some first "
+                               f"(`bouquet device annotate {self.root} --ask`)")
+        return records
 
     def test(self) -> list[PersonalRecord]:
         path = self.root / "test.jsonl"

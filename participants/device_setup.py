@@ -60,11 +60,12 @@ def _records_file(source: str | Path, target: Path) -> int:
     return len(records)
 
 
-def init_device(root: str | Path, data: str | Path, test: str | Path | None = None) -> DeviceSetup:
+def init_device(root: str | Path, data: str | Path | None, test: str | Path | None = None) -> DeviceSetup:
+    """`data`: its history, or None for a device that learns from its stream (`bouquet device add`)."""
     device = Device(Path(root).expanduser().resolve())
     device.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(device.root, 0o700)
-    n_history = _records_file(data, device.root / "history.jsonl")
+    n_history = _records_file(data, device.root / "history.jsonl") if data else 0
     n_test = _records_file(test, device.root / "test.jsonl") if test else 0
     signing = device.key()  # created 0600 and atomically on first use (protocols.identity)
     os.chmod(device.signing_key_path, 0o600)

@@ -12,6 +12,11 @@ the accountant's. The pieces are post-processing of that release, so the ε in e
 everything a sharer sends (A, B and gate). The noise and the sampling come from the OS's randomness, unless the
 policy pins them for an experiment.
 
+DP-SGD trains with AdamW at the run's dp-lora-lr (10x lora-lr by default). Measured on a health-tweets account
+(16 records, 30 LoRA steps, ε = 8): held-out perplexity 28.6 for the seed, 1.37 without DP, and with DP-SGD 27.2 /
+23.4 / 10.5 at lr 1e-3 / 3e-3 / 1e-2, diverging at 3e-2; training B alone over a frozen random A (FFA-LoRA) did
+worse (15.6 at 1e-2, 13.2 at 2e-2), so both A and B train.
+
 Per-record gradients are taken one record at a time (a backward pass each): exact for any module (the LoRA
 layers of PEFT and the gate hooks of participants.lora_hooks alike), with no per-sample hooks to keep in step.
 """
@@ -67,7 +72,6 @@ class DpPlan:
     delta: float
     epsilon: float  # what the accountant gives for all the steps: at most the policy's
     generator: torch.Generator  # the sampling and the noise: the OS's randomness unless pinned
-    freeze_a: bool = False  # train B only (FFA-LoRA), A kept at its random initialisation
 
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -22,6 +22,12 @@ def train_gates(seed: LoadedSeed, records: list[PersonalRecord], weights: LoraWe
                 steps: int, lr: float, desc: str = "gates", dp: DpPlan | None = None,
                 ) -> tuple[dict[str, np.ndarray], TrainReport]:
     """One gate per position; `dp` trains them by DP-SGD (participants.dp_sgd), as the LoRA was."""
+    if settings.trainer == "zeroth-order":
+        if dp is not None:
+            raise ValueError("DP-SGD trains with gradients: the zeroth-order trainer has no private path")
+        from participants.zeroth_order import train_gates_zeroth_order
+
+        return train_gates_zeroth_order(seed, records, weights, settings, steps, desc)
     torch.manual_seed(settings.seed + 1)
     dev, scaling = seed.device, settings.alpha / settings.rank
     gates = {pos: torch.zeros(A.shape[1], device=dev, requires_grad=True) for pos, (A, _) in weights.items()}

@@ -1,12 +1,14 @@
 """What a coordinator may ask of this device: the device's own bounds, in `limits.json` of its folder.
 
     {"lora-steps": 300, "gate-steps": 300, "max-len": 512, "max-new-tokens": 256, "batch-size": 16,
-     "assembly-batch-size": 32, "gate-bytes": 67108864, "piece-bytes": 268435456}
+     "assembly-batch-size": 32, "gate-bytes": 67108864, "piece-bytes": 268435456, "memory-mib": 1536}
 
 Any key may be left out (it keeps its default); an unknown key is an error, so a typo never silently lifts a
 bound. A message asking for more than a limit is refused as a whole, before any work: the handler raises, and
 Flower sends the coordinator an error reply that names the limit. Downloads (gates, pieces) are counted on the
 message as received: the bound stops the work and tells the coordinator, it cannot undo the transfer.
+`memory-mib` is the memory budget for training (tensors, the frozen base included; 0: none): it picks the trainer
+when a run asks for `trainer auto`, and refuses a trainer that does not fit (participants.trainer_choice).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class DeviceLimits:
     assembly_batch_size: int = 32  # history items per assembly forward pass
     gate_bytes: int = 64 * MIB  # gates in one gates message
     piece_bytes: int = 256 * MIB  # pieces in one assemble message
+    memory_mib: int = 0  # training's memory budget in MiB (0: none set; trainer auto then trains with AdamW)
 
     SETTINGS = ("lora_steps", "gate_steps", "max_len", "max_new_tokens", "batch_size", "assembly_batch_size")
 
@@ -77,4 +80,4 @@ class DeviceLimits:
             raise LimitExceeded(f"refused by this device's {LIMITS_FILE}: {what} {nbytes} > {limit}")
 
 
-UNBOUNDED = DeviceLimits(**{f.name: 2**62 for f in fields(DeviceLimits)})
+UNBOUNDED = DeviceLimits(**{f.name: 2**62 for f in fields(DeviceLimits)} | {"memory_mib": 0})

@@ -24,9 +24,11 @@ class LoraBranch:
     gate: torch.Tensor | None = None  # (d_in,)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # in the branch's own precision (fp32), whatever the base's: what is trained stays fp32 on a bf16 base
+        h = x.to(self.A.dtype)
         if self.gate is not None:
-            x = x * torch.sigmoid(x @ self.gate.to(x.dtype)).unsqueeze(-1)
-        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype)) * self.scaling
+            h = h * torch.sigmoid(h @ self.gate.to(h.dtype)).unsqueeze(-1)
+        return (F.linear(F.linear(h, self.A), self.B.to(h.dtype)) * self.scaling).to(x.dtype)
 
 
 def modules_at(model: torch.nn.Module, positions) -> dict[str, torch.nn.Module]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
+
+if TYPE_CHECKING:
+    from participants.zeroth_order import ZerothOrderSettings
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_PROJECTIONS = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")  # attention and MLP of a Llama block
@@ -30,6 +34,14 @@ class LoraSettings:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.05
     seed: int = ParticipantSettings.rng_seed
+    trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
+    zeroth_order: ZerothOrderSettings = field(default_factory=lambda: _zeroth_order_defaults())
+
+
+def _zeroth_order_defaults() -> ZerothOrderSettings:
+    from participants.zeroth_order import ZerothOrderSettings  # it builds on this module
+
+    return ZerothOrderSettings()
 
 
 @dataclass
@@ -59,6 +71,12 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
     `dp`, if given, trains by DP-SGD (participants.dp_sgd) instead: Poisson batches, per-record clipping, noise.
     The cached seed model is restored (LoRA layers unloaded) before returning.
     """
+    if settings.trainer == "zeroth-order":
+        if dp is not None:
+            raise ValueError("DP-SGD trains with gradients: the zeroth-order trainer has no private path")
+        from participants.zeroth_order import train_lora_zeroth_order
+
+        return train_lora_zeroth_order(seed, records, settings, init, desc, on_step)
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(settings.seed)
@@ -70,9 +88,6 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         layers = _lora_layers(model)
         if init is not None:
             _load_weights(layers, init, settings.rank, seed.device)
-        if dp is not None and dp.freeze_a:
-            for layer in layers.values():  # FFA-LoRA: B alone learns, over A's fixed random projection
-                layer.lora_A["default"].weight.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))

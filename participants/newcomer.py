@@ -10,6 +10,7 @@ finite values, the bounds of protocols.piece_bounds) before mixing, and the mixe
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from participants.adapters import save_peft_adapter
 from participants.assembly import Assembly, assemble, shortlist
+from participants.chat_data import encode_all
 from participants.seed_loading import LoadedSeed
 from participants.settings import assembly_settings
 from protocols.piece_bounds import PieceBounds, mixed_problem, nonfinite_problem, size_problem
@@ -28,10 +30,23 @@ from protocols.settings import ParticipantSettings
 Gate = tuple[str, str, int, np.ndarray]  # (piece id, position, rank, gate vector)
 
 
+def gate_phase_records(history: list[PersonalRecord], gates: Sequence[Gate], s: ParticipantSettings,
+                       ) -> list[PersonalRecord]:
+    """What phase 1 scores the gates on: the last `s.gate_records` history items (all when 0), or nothing when
+    the shortlist would keep every piece anyway (no position has more candidates than it)."""
+    per_position = Counter(pos for _, pos, *_ in gates)
+    if not gates or max(per_position.values()) <= s.shortlist:
+        return []
+    return history[-s.gate_records:] if s.gate_records else history
+
+
 def shortlist_pieces(seed: LoadedSeed, history: list[PersonalRecord], gates: Sequence[Gate],
                      s: ParticipantSettings) -> list[str]:
     """Phase 1: the ids of the pieces to download, scored on the device's own history."""
-    return shortlist(seed, history, list(gates), assembly_settings(s)) if gates else []
+    scored = gate_phase_records(history, gates, s)
+    if not scored:
+        return [pid for pid, *_ in gates]
+    return shortlist(seed, scored, list(gates), assembly_settings(s))
 
 
 def piece_problem(p: Piece, seed: LoadedSeed, bounds: PieceBounds) -> str | None:
@@ -87,6 +102,7 @@ class Newcomer:
     shortlisted: list[str]
     seconds: float  # both phases, without the fetch
     download_bytes: int  # the gates, then the shortlisted pieces' A and B
+    shortlist_tokens: int = 0  # tokens through phase 1's forward passes (0 when it had nothing to choose)
 
 
 def assemble_from_pool(seed: LoadedSeed, history: list[PersonalRecord], gates: Sequence[Gate],
@@ -101,4 +117,5 @@ def assemble_from_pool(seed: LoadedSeed, history: list[PersonalRecord], gates: S
     result = assemble_pieces(seed, history, pieces, s, adapter_dir, extra)
     seconds = shortlist_seconds + time.perf_counter() - start
     download = sum(g.nbytes for *_, g in gates) + sum(p.A.nbytes + p.B.nbytes for p in pieces)
-    return Newcomer(result, ids, seconds, download)
+    scored = encode_all(seed.tokenizer, gate_phase_records(history, gates, s), s.max_len)
+    return Newcomer(result, ids, seconds, download, sum(len(e.input_ids) for e in scored))

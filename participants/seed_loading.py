@@ -1,4 +1,5 @@
-"""Loading a seed model on the device: CUDA in bf16 when present, CPU in fp32 otherwise."""
+"""Loading a seed model on the device, its frozen base in the precision the hardware runs fastest
+(participants.precision: bf16 on CUDA or an AMX CPU, fp32 otherwise) unless a precision is asked for."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from participants.precision import DTYPES, resolve_precision
 from protocols.seeds import DEFAULT_SEED, SeedDescriptor, materialize
 
 
@@ -16,6 +18,7 @@ class LoadedSeed:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    precision: str = "fp32"  # the frozen base's format: "fp32", "bf16" or "int8"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -26,12 +29,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-_cache: dict[tuple[str, str], LoadedSeed] = {}
+_cache: dict[tuple[str, str, str], LoadedSeed] = {}
 _lock = threading.Lock()
 
 
-def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) -> LoadedSeed:
-    """Materialize and load a seed once per process (a Ray actor keeps it across rounds).
+def _key(source: str, device: torch.device | None, precision: str) -> tuple[str, str, str]:
+    device = device or pick_device()
+    return source, str(device), resolve_precision(precision, device)
+
+
+def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None, precision: str = "auto") -> LoadedSeed:
+    """Materialize and load a seed once per process and precision (a Ray actor keeps it across rounds).
 
     The model is frozen and in eval mode; callers attach adapters with hooks or PEFT and remove
     them again, so the cached copy stays the bare seed.
@@ -39,11 +47,11 @@ def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
-    key = (source, str(device))
+    key = _key(source, device, precision)
     with _lock:
         if key not in _cache:
             desc = materialize(source)
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dtype = DTYPES[key[2]]
             tok = AutoTokenizer.from_pretrained(desc.path)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
@@ -52,24 +60,26 @@ def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) ->
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, desc.delta).merge_and_unload()
+            if key[2] == "int8":
+                from participants.int8_weights import quantize_block_linears
+
+                quantize_block_linears(model)
             model.eval()
             model.requires_grad_(False)
-            _cache[key] = LoadedSeed(desc, model, tok, device)
+            _cache[key] = LoadedSeed(desc, model, tok, device, key[2])
         return _cache[key]
 
 
-def is_loaded(source: str = DEFAULT_SEED, device: torch.device | None = None) -> bool:
+def is_loaded(source: str = DEFAULT_SEED, device: torch.device | None = None, precision: str = "auto") -> bool:
     """Whether this process already holds the seed, so a caller knows not to forget what it did not load."""
-    device = device or pick_device()
     with _lock:
-        return (source, str(device)) in _cache
+        return _key(source, device, precision) in _cache
 
 
-def forget_seed(source: str = DEFAULT_SEED, device: torch.device | None = None) -> bool:
+def forget_seed(source: str = DEFAULT_SEED, device: torch.device | None = None, precision: str = "auto") -> bool:
     """Drop a seed from the process cache, so that trying a whole catalog never keeps it all in memory.
 
     The memory goes once no caller holds the LoadedSeed any more. True if the seed was cached.
     """
-    device = device or pick_device()
     with _lock:
-        return _cache.pop((source, str(device)), None) is not None
+        return _cache.pop(_key(source, device, precision), None) is not None

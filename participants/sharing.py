@@ -10,6 +10,7 @@ import torch
 
 from participants.cutting import choose_share, cut_into_pieces
 from participants.dp_sgd import DpPlan, DpSgd
+from participants.feature_gates import train_centroid_gates, train_contrast_gates
 from participants.gate_training import train_gates
 from participants.lora_training import TrainReport, train_private_lora
 from participants.seed_loading import LoadedSeed
@@ -58,11 +59,18 @@ def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: Particip
     """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared (and DP-SGD's
     batches and noise). `dp` trains the LoRA and its gates by DP-SGD, its (ε, δ) in every piece. `who` labels the
     progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
-    training = lora_settings(s)
+    training = lora_settings(s, lr=s.dp_lora_lr) if dp is not None else lora_settings(s)
     plan = dp_plan(dp, len(history), s, share_seed) if dp is not None else None
     weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA", dp=plan)
-    gates, gate = train_gates(seed, history, weights, training, steps=s.gate_steps, lr=s.gate_lr,
-                              desc=f"{who}: gates", dp=plan)
+    if s.gate_objective == "centroid" and plan is None:  # under DP-SGD only the lm gates have a private path
+        gates, gate = train_centroid_gates(seed, history, list(weights), max_len=s.max_len, desc=f"{who}: gates")
+    elif s.gate_objective == "contrast" and plan is None:
+        gates, gate = train_contrast_gates(seed, history, list(weights), steps=s.gate_steps, lr=s.gate_lr,
+                                           max_len=s.max_len, max_new_tokens=s.max_new_tokens,
+                                           rng_seed=s.rng_seed, desc=f"{who}: contrast gates")
+    else:
+        gates, gate = train_gates(seed, history, weights, training, steps=s.gate_steps, lr=s.gate_lr,
+                                  desc=f"{who}: gates", dp=plan)
     pieces = cut_into_pieces(seed.descriptor, weights, gates, s.lora_rank, s.lora_alpha, signing_key,
                              dp=(plan.epsilon, plan.delta) if plan else None)
     return Share(pieces, choose_share(pieces, s.share_ratio, rng_seed=share_seed), lora, gate, plan)

@@ -77,9 +77,13 @@ class PersonalRecord:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
 
 
-def parse_record(obj: object, where: str) -> PersonalRecord:
+def parse_record(obj: object, where: str, require_output: bool = True) -> PersonalRecord:
+    """One record from its parsed JSON; `require_output=False` lets an item of a device's stream come without an
+    answer (its owner has not annotated it), as `output` ""."""
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if not require_output and obj.get("output", "") in ("", None):
+        obj = {k: v for k, v in obj.items() if k != "output"} | {"output": ""}
     for key in REQUIRED:
         if key not in obj:
             raise DataFormatError(f"{where}: missing required key {key!r} (a record needs {', '.join(REQUIRED)})")
@@ -87,8 +91,10 @@ def parse_record(obj: object, where: str) -> PersonalRecord:
             raise DataFormatError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
     if not obj["user"].strip():
         raise DataFormatError(f"{where}: 'user' is empty")
-    if not obj["output"].strip():
+    if require_output and not obj["output"].strip():
         raise DataFormatError(f"{where}: 'output' is empty; a record without an answer teaches nothing")
+    if not require_output and not obj["input"].strip():
+        raise DataFormatError(f"{where}: 'input' is empty; a stream item is scored and kept by its input")
     extra = {}
     for key in OPTIONAL:
         if key in obj and obj[key] is not None:
@@ -107,8 +113,10 @@ def parse_record(obj: object, where: str) -> PersonalRecord:
     return PersonalRecord(user=obj["user"], input=obj["input"], output=obj["output"], **extra)
 
 
-def load_records(path: str | Path, limits: RecordLimits = RecordLimits()) -> list[PersonalRecord]:
-    """Read a personal-data JSONL file; raise DataFormatError naming the file, the first bad line and why."""
+def load_records(path: str | Path, limits: RecordLimits = RecordLimits(),
+                 require_output: bool = True) -> list[PersonalRecord]:
+    """Read a personal-data JSONL file; raise DataFormatError naming the file, the first bad line and why.
+    `require_output=False`: records may come without an answer (a device's stream, `bouquet device add`)."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
@@ -138,7 +146,7 @@ def load_records(path: str | Path, limits: RecordLimits = RecordLimits()) -> lis
                 raise DataFormatError(f"{where}: nested too deeply; a record is one flat JSON object") from None
             except ValueError as err:
                 raise DataFormatError(f"{where}: {err}") from None
-            rec = parse_record(obj, where)
+            rec = parse_record(obj, where, require_output)
             if rec.id is not None:
                 first = seen.setdefault((rec.user, rec.id), lineno)
                 if first != lineno:

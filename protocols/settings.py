@@ -117,16 +117,28 @@ class ParticipantSettings:
     lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / r)", low=0, low_open=True)
     lora_steps: int = setting(30, "private LoRA training steps", low=1)
     lora_lr: float = setting(1e-3, "private LoRA learning rate", low=0, low_open=True)
+    dp_lora_lr: float = setting(1e-2, "the private LoRA's learning rate on a device whose policy trains it by "
+                                      "DP-SGD (piece-epsilon): the noise needs a larger step", low=0, low_open=True)
     gate_steps: int = setting(30, "gate training steps per sharer (0: gates stay at zero)", low=0)
     gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)
+    gate_objective: str = setting("lm", "what a gate learns: lm (the LoRA's own loss through a sigmoid input "
+                                        "gate, as Per-Pcs), centroid (the mean of the sharer's own answer features) "
+                                        "or contrast (its answers against the seed's answers to the same prompts); "
+                                        "the last two in forward passes only",
+                                  choices=("lm", "centroid", "contrast"))
     batch_size: int = setting(4, "training batch size", low=1)
     max_len: int = setting(96, "tokens per training, assembly and evaluation sequence", low=8)
     share_ratio: float = setting(1.0, "the fraction of its pieces a sharer sends to the pool", low=0, high=1,
                                  low_open=True)
     top_k: int = setting(3, "pieces mixed per position", low=1)
     temperature: float = setting(1.0, "softmax temperature of the mix", low=0, low_open=True)
+    mix: str = setting("ab", "how the chosen pieces of a position mix: ab (A and B averaged separately, as "
+                             "Per-Pcs; cross terms B_i A_j that no sharer trained) or dw (the updates B A averaged, "
+                             "kept exactly at rank top-k x lora-rank)", choices=("ab", "dw"))
     shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
                              low=1)
+    gate_records: int = setting(0, "history items a newcomer scores the pool's gates on before choosing what to "
+                                   "download (its last ones; 0: all)", low=0)
     assembly_batch_size: int = setting(8, "history items per assembly forward pass", low=1)
     max_new_tokens: int = setting(40, "greedy generation length when evaluating", low=1)
     generate: bool = setting(True, "evaluate greedy generations (ROUGE) besides perplexity")
@@ -135,6 +147,23 @@ class ParticipantSettings:
                                             "nearest", low=0, high=2)
     rng_seed: int = setting(0, "the random seed of training, of the shares and of the choice of participants",
                             low=0)
+    precision: str = setting("auto", "the frozen base's format: auto (bf16 where the hardware has a fast bf16 path: "
+                                      "CUDA, a CPU with AMX; fp32 elsewhere), fp32, or bf16 (refused without bf16 "
+                                      "hardware), or int8 (the blocks' linear weights, where memory binds; CPU); "
+                                      "what is trained stays fp32", choices=("auto", "fp32", "bf16", "int8"))
+    trainer: str = setting("adamw", "how a device trains its LoRA, gates and fine-tune: adamw (backprop), "
+                                    "zeroth-order (two forward passes per step, memory of inference), or auto (the "
+                                    "device's memory budget in its limits.json picks the one that fits)",
+                           choices=("adamw", "zeroth-order", "auto"))
+    zo_eps: float = setting(1e-2, "zeroth-order: the perturbation's scale", low=0, high=1, low_open=True)
+    zo_lr: float = setting(1e-4, "zeroth-order: the LoRA learning rate", low=0, high=1, low_open=True)
+    zo_gate_lr: float = setting(1e-3, "zeroth-order: the gate learning rate", low=0, high=1, low_open=True)
+    zo_perturbations: int = setting(1, "zeroth-order: random directions averaged per step (2 forward passes each)",
+                                    low=1, high=64)
+    zo_schedule: str = setting("constant", "zeroth-order: learning-rate schedule over the steps",
+                               choices=("constant", "linear", "cosine"))
+    zo_step_factor: int = setting(10, "zeroth-order: steps per step the adamw settings ask for (lora-steps, "
+                                      "gate-steps and fine-tune steps are multiplied by it)", low=1, high=1000)
 
     def __post_init__(self) -> None:
         check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "

@@ -113,24 +113,13 @@ def cmd_simulate(args) -> int:
 
 def _audited_federation(users, s, out: Path) -> dict:
     """run_federation with the message audit (simulation.wire_audit) around it; the audit in wire-audit.json."""
-    import io
-    import logging
-
     from simulation.federation import prepare_devices, simulate_devices
-    from simulation.wire_audit import audit_run, auditing_server_app
+    from simulation.wire_audit import audit_run, auditing_server_app, coordinator_log
 
     mapping = prepare_devices(users, out, s.rng_seed, s.device_policy())
-    captured = io.StringIO()
-    handler = logging.StreamHandler(captured)
-    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
-    for lg in loggers:
-        lg.addHandler(handler)
     grids: list = []
-    try:
+    with coordinator_log() as captured:
         summary = simulate_devices(out, mapping, s, server_app=auditing_server_app(s, grids))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
     public = [(Path(s.catalog) / "catalog.json").read_text()] if s.catalog else []
     audit = audit_run([u for u in users if u.user in mapping.values()], out, grids[0], captured.getvalue(), public)
     (out / "wire-audit.json").write_text(json.dumps(audit, indent=1))
@@ -150,7 +139,7 @@ def _add_bench(sub) -> None:
                                                          "(default %(default)s)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="defaults sized for 2 CPU cores and SmolLM2 (under 30 min); explicit flags override them")
-    add_settings_flags(p, BenchSettings, skip=("generate", "max_seed_distance",
+    add_settings_flags(p, BenchSettings, skip=("max_seed_distance",
                                                "assembly_batch_size"), preset=True)
     p.set_defaults(func=cmd_bench)
 
@@ -481,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_catalog(sub)
     from simulation.cli_deploy import add_coordinator, add_device
     add_coordinator(sub), add_device(sub)
+    from simulation.stream_bench.cli import add_stream_bench
+    add_stream_bench(sub)
+    from simulation.trainers_bench import add_command as add_trainers
+    add_trainers(sub)
     t = sub.add_parser("throughput", add_help=False,
                        help="bouquet's training and assembly loops against bare loops, in tokens/s "
                             "(`bouquet throughput --help`)")

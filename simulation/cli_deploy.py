@@ -6,9 +6,12 @@
     bouquet coordinator add-device DIR PUBKEY [--name NAME]  /  remove-device DIR NODE_ID
     bouquet coordinator run DIR share|assemble|all [--run-config "key=value" ...]
     bouquet coordinator withdraw DIR REQUEST_FILE
-    bouquet device init DIR --data FILE [--test FILE]                   (prints the key to register)
+    bouquet device init DIR [--data FILE] [--test FILE]                 (prints the key to register)
     bouquet device start DIR --coordinator HOST:PORT --ca FILE [--port 9094] [--catalog DIR]
     bouquet device withdraw DIR --out REQUEST_FILE
+    bouquet device add DIR --data FILE [--capacity 64 --rule sdss ...]    (records arriving, into the stream buffer)
+    bouquet device annotate DIR --ask [--out FILE]  /  --answers FILE [--by NAME]
+    bouquet device buffer DIR                                           (what the buffer holds)
 
 `start` runs the Flower process as its child, forwards SIGTERM/SIGINT to it by process id, and kills it by
 process id if it has not stopped after a grace period. The work lives in coordinator.service and
@@ -243,7 +246,9 @@ def add_device(sub) -> None:
     dsub = p.add_subparsers(dest="device_command", required=True)
     d = dsub.add_parser("init", help="create the device folder; prints the public key the operator registers")
     d.add_argument("dir")
-    d.add_argument("--data", required=True, help="personal data, JSON Lines (see 'Personal data format')")
+    d.add_argument("--data", default=None, help="personal data, JSON Lines (see 'Personal data format'); leave it "
+                                                "out for a device that takes its records as they come "
+                                                "(`bouquet device add`)")
     d.add_argument("--test", default=None, help="held-out records for evaluation (optional)")
     d.set_defaults(func=cmd_device_init)
     d = dsub.add_parser("start", help="run this device's SuperNode until SIGTERM or Ctrl-C")
@@ -258,6 +263,36 @@ def add_device(sub) -> None:
     d.add_argument("dir")
     d.add_argument("--out", required=True, help="where to write the request (give it to the operator)")
     d.set_defaults(func=cmd_device_withdraw)
+    _add_stream_commands(dsub)
+
+
+def _add_stream_commands(dsub) -> None:
+    from participants.stream_settings import BufferSettings, SynthesisSettings
+    from simulation.cli import add_settings_flags
+
+    d = dsub.add_parser("add", help="records arriving on the device: score each in order and keep it in the "
+                                    "stream buffer or not; the first addition creates the buffer with these flags")
+    d.add_argument("dir")
+    d.add_argument("--data", required=True, help="JSON Lines, one record a line; 'output' may be left out (the "
+                                                 "owner has not annotated the item yet)")
+    d.add_argument("--seed-model", default=None, help="the model whose hidden states score the items (first "
+                                                      "addition only; default the embedded seed)")
+    d.add_argument("--by", default="owner", help="who gave the outputs some records carry (kept with them)")
+    add_settings_flags(d, BufferSettings, preset=True)
+    add_settings_flags(d, SynthesisSettings, preset=True)
+    d.set_defaults(func=cmd_device_add)
+    d = dsub.add_parser("annotate", help="one annotation round: --ask writes the items to annotate (inputs), "
+                                         "--answers records the owner's outputs for them and writes pairs like each")
+    d.add_argument("dir")
+    what = d.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ask", action="store_true", help="print (or --out) this round's items, outputs empty")
+    what.add_argument("--answers", help="the asked records with their outputs filled in (JSON Lines)")
+    d.add_argument("--out", default=None, help="with --ask: write the items here instead of printing them")
+    d.add_argument("--by", default="owner", help="who annotated (kept with each item)")
+    d.set_defaults(func=cmd_device_annotate)
+    d = dsub.add_parser("buffer", help="what the stream buffer holds: size, annotations and by whom, memory")
+    d.add_argument("dir")
+    d.set_defaults(func=cmd_device_buffer)
 
 
 def cmd_device_init(args) -> int:
@@ -281,6 +316,11 @@ def cmd_device_start(args) -> int:
     cmd = supernode_command(device, args.coordinator, args.ca, args.port, args.catalog)
     device.limits()  # a broken limits.json is an error now, not at the first message
     device.policy()  # so is a broken policy.json
+    from participants.stream_buffer import BufferDamaged, load_buffer
+    try:
+        load_buffer(device.root)  # and a damaged stream buffer
+    except BufferDamaged as err:
+        return _fail(err)
     print(f"device {device.root}: SuperNode for {args.coordinator}", flush=True)
     return supervise(cmd, supernode_env(device), device.root)
 
@@ -292,4 +332,60 @@ def cmd_device_withdraw(args) -> int:
     out = Path(args.out).expanduser()
     write_atomic(out, withdrawal_request(args.dir).encode())
     print(f"wrote {out}: give it to the coordinator's operator (`bouquet coordinator withdraw DIR {out.name}`)")
+    return 0
+
+
+def cmd_device_add(args) -> int:
+    from dataclasses import fields
+
+    from participants.device_stream import add_records
+    from participants.stream_buffer import BufferDamaged
+    from participants.stream_settings import BufferSettings, SynthesisSettings
+
+    names = [f.name for cls in (BufferSettings, SynthesisSettings) for f in fields(cls)]
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        r = add_records(args.dir, args.data, seed_model=args.seed_model, given=given, by=args.by)
+    except BufferDamaged as err:
+        return _fail(err)
+    if r.repeated:
+        print(f"{args.data} was added before; nothing changed")
+    print(f"{r.added} record(s) read, {r.kept} kept; buffer {r.size}/{r.capacity}, {r.awaiting} awaiting "
+          f"annotation, {r.seen} seen in all")
+    return 0
+
+
+def cmd_device_annotate(args) -> int:
+    from participants.device_stream import annotate, annotation_ask
+    from participants.stream_buffer import BufferDamaged
+    from protocols.files import write_atomic
+
+    try:
+        if args.ask:
+            asked = annotation_ask(args.dir)
+            text = "".join(json.dumps(json.loads(r.to_json()) | {"output": ""}, ensure_ascii=False) + "\n"
+                           for r in asked)
+            if args.out:
+                write_atomic(Path(args.out), text.encode(), 0o600)
+                print(f"{len(asked)} item(s) to annotate written to {args.out}: fill in each 'output', then "
+                      f"`bouquet device annotate {args.dir} --answers {args.out}`", file=sys.stderr)
+            else:
+                sys.stdout.write(text)
+            return 0
+        done = annotate(args.dir, args.answers, by=args.by)
+    except BufferDamaged as err:
+        return _fail(err)
+    for d in done:
+        print(f"item {d['id']}: annotated; {d['kept']} of {d['written']} written pair(s) kept")
+    return 0
+
+
+def cmd_device_buffer(args) -> int:
+    from participants.device_stream import buffer_status
+    from participants.stream_buffer import BufferDamaged
+
+    try:
+        print(json.dumps(buffer_status(args.dir), indent=1))
+    except BufferDamaged as err:
+        return _fail(err)
     return 0

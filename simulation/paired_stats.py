@@ -79,3 +79,16 @@ def ratio_of_means(a: Sequence[float], b: Sequence[float], *, resamples: int = R
     low, high = _bootstrap([x, y], ratio, resamples, seed)
     whole = float(x.mean() / y.mean()) if y.mean() != 0 else math.nan
     return {"ratio": whole, "low": low, "high": high, "n": len(x)}
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], *, lower_is_better: bool,
+                      resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """paired_difference read as a contest: {"n", "diff", "ci_low", "ci_high", "p_value", "better", "wins"}, where
+    `better` says whether a beats b on average and `wins` counts the users where a beats b."""
+    if len(a) < 2:
+        raise ValueError(f"a paired comparison needs at least 2 users, got {len(a)}")
+    d = paired_difference(a, b, resamples=resamples, seed=seed)
+    sign = -1 if lower_is_better else 1
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return {"n": d["n"], "diff": d["mean"], "ci_low": d["low"], "ci_high": d["high"], "p_value": d["p"],
+            "better": bool(sign * d["mean"] > 0), "wins": int((sign * diffs > 0).sum())}

@@ -33,6 +33,7 @@ from rich.table import Table
 from participants.assembly import AssemblySettings, assemble, shortlist
 from participants.chat_data import IGNORE, batches, encode_all, endless_batches
 from participants.lora_training import LoraSettings, train_private_lora
+from participants.precision import PRECISIONS, describe
 from participants.seed_loading import LoadedSeed, load_seed
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord
@@ -220,6 +221,7 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
     memory["gate_scoring"] = _memory(dev)
 
     return {"seed": seed.descriptor.seed_id, "seed_hash": seed.descriptor.content_hash, "device": dev.type,
+            "hardware": describe(dev, seed.precision),
             "torch_threads": torch.get_num_threads(), "records": len(records), "history_batches": len(hist),
             "pool_pieces": len(pool),
             "settings": {"steps": settings.steps, "batch_size": settings.batch_size, "max_len": settings.max_len,
@@ -233,7 +235,7 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
 def print_report(result: dict, console: Console) -> None:
     s = result["settings"]
     console.print(f"[bold]bouquet throughput[/]  seed {result['seed']} ({result['seed_hash'][:12]})  "
-                  f"device {result['device']}, {result['torch_threads']} torch threads")
+                  f"{result['hardware']}")
     console.print(f"steps {s['steps']} (first excluded), batch {s['batch_size']}, max-len {s['max_len']}, "
                   f"repeats {s['repeats']}, rank {s['rank']}; {result['records']} records, "
                   f"{result['history_batches']} history batches, pool of {result['pool_pieces']} pieces")
@@ -264,13 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="alternating bouquet/bare runs per part")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the base's format (default auto: bf16 "
+                                                                          "on a fast bf16 path, fp32 otherwise)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     if args.steps < 2 or args.repeats < 1:
         p.error("--steps must be at least 2 (the first is not counted) and --repeats at least 1")
     if args.seed_model.startswith(EMBEDDED_PREFIX) or args.seed_model == TINY or Path(args.seed_model).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
-    seed = load_seed(args.seed_model)
+    try:
+        seed = load_seed(args.seed_model, precision=args.precision)
+    except ValueError as err:  # bf16 asked of hardware without it
+        p.error(str(err))
     settings = LoraSettings(steps=args.steps, batch_size=args.batch_size, max_len=args.max_len)
     result = measure(seed, settings, args.repeats)
     print_report(result, Console())

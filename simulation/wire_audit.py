@@ -10,11 +10,15 @@ held-out records; `leaks` finds any of them in what was recorded or written.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid, ServerApp
@@ -76,6 +80,21 @@ class RecordingGrid:
         return replies
 
 
+@contextmanager
+def coordinator_log():
+    """Everything the coordinator side logs (bouquet's and Flower's loggers) while inside, as a StringIO."""
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield captured
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
 def auditing_server_app(settings: RunSettings, grid_box: list) -> ServerApp:
     """The coordinator's round over a RecordingGrid, which is appended to `grid_box` for the caller to read."""
     server = ServerApp()
@@ -103,9 +122,54 @@ def private_texts(users: list[UserData], run_dir: Path, public: Iterable[str] = 
 
 
 def leaks(blobs: dict[str, bytes], secrets: Iterable[str]) -> list[str]:
-    """'<where>: <secret>' for every secret found in a blob (named by where it came from)."""
-    encoded = [(s, s.encode()) for s in secrets]
-    return [f"{where}: {s!r}" for where, blob in blobs.items() for s, raw in encoded if raw in blob]
+    """'<where>: <secret>' for every secret found in a blob (named by where it came from).
+
+    A real run searches some 10^5 windows in tens of MB of messages, too many for one `in` each. Every secret of at
+    least WINDOW bytes is found by a hash of its first WINDOW bytes among the hashes of every WINDOW-byte window of
+    the blob (numpy, chunk by chunk), each hit then compared byte for byte; shorter ones (names) by `in`."""
+    encoded = {s: s.encode() for s in secrets}
+    short = [(s, raw) for s, raw in encoded.items() if len(raw) < WINDOW]
+    by_prefix: dict[int, list[tuple[str, bytes]]] = {}
+    for s, raw in encoded.items():
+        if len(raw) >= WINDOW:
+            by_prefix.setdefault(int(_window_hashes(raw[:WINDOW])[0]), []).append((s, raw))
+    prefixes = np.sort(np.fromiter(by_prefix, dtype=np.uint64, count=len(by_prefix)))
+    found = []
+    for where, blob in blobs.items():
+        hits = {s for s, raw in short if raw in blob}
+        for start in range(0, max(len(blob) - WINDOW + 1, 0), _CHUNK):
+            part = blob[start:start + _CHUNK + WINDOW - 1]
+            for offset in _members(_window_hashes(part), prefixes):
+                at = start + int(offset)
+                for s, raw in by_prefix[int(_window_hashes(blob[at:at + WINDOW])[0])]:
+                    if blob[at:at + len(raw)] == raw:
+                        hits.add(s)
+        found += [f"{where}: {s!r}" for s in sorted(hits)]
+    return found
+
+
+_CHUNK = 1 << 22  # bytes of a blob hashed at once: 32 MiB of window hashes
+_PRIME = np.uint64(1099511628211)
+
+
+def _members(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Indices of `values` found in `sorted_set`."""
+    if not len(sorted_set):
+        return np.zeros(0, dtype=np.int64)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return np.flatnonzero(sorted_set[at] == values)
+
+
+def _window_hashes(data: bytes) -> np.ndarray:
+    """A polynomial hash (mod 2^64) of every WINDOW-byte window of `data`."""
+    b = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
+    n = len(b) - WINDOW + 1
+    if n <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.zeros(n, dtype=np.uint64)
+    for k in range(WINDOW):
+        h = h * _PRIME + b[k:k + n]
+    return h
 
 
 HARNESS_FILES = {"devices", "adapters", "devices.json", "summary.json", "wire-audit.json"}  # the harness's side

@@ -65,7 +65,7 @@ def test_every_method_has_a_finite_row_per_target_and_the_report_is_written(benc
     assert json.loads((out / "report.json").read_text())["means"].keys() == set(METHODS)
     md = (out / "report.md").read_text()
     assert "## targets" in md and md.count("| perpcs |") == md.count("| perpcs+ft |") == 1
-    assert [t["met"] in (True, False) for t in report["targets"]] == [True] * 5
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True] * 9  # 7 goals, the gates check, the oracle
     sharers = json.loads((out / "sharers.json").read_text())
     assert len(sharers) == 3 and all(s["upload_bytes"] > 0 and s["train_tokens"] > 0 for s in sharers.values())
 
@@ -77,6 +77,9 @@ def test_costs_follow_what_each_method_does(bench):
     assert means["oppu"]["tokens_forward"] == means["oppu"]["tokens_backward"] > 0
     assert means["perpcs"]["tokens_backward"] == 0 < means["perpcs"]["tokens_forward"]
     assert means["perpcs+ft"]["tokens_forward"] > means["perpcs"]["tokens_forward"]
+    # the forward-only newcomer: more forward passes on top of perpcs's, and still no backward pass
+    assert means["perpcs+zo"]["tokens_forward"] > means["perpcs"]["tokens_forward"]
+    assert means["perpcs+zo"]["tokens_backward"] == 0
     assert means["perpcs"]["bytes_stored"] < means["perpcs"]["bytes_adapter"] == means["oppu"]["bytes_adapter"]
     assert report["gain_recovery"]["seed"] == 0 and report["cost_ratios"]["oppu"]["tokens"] == 1
 
@@ -297,3 +300,33 @@ def test_a_catalog_of_another_base_and_sweeps_with_a_catalog_are_refused(with_ca
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="without --catalog"):
         replace(settings, sweep=("share-ratio",))
+
+
+# --- rotating folds -------------------------------------------------------------------------------------------
+
+
+def test_rotating_folds_make_every_user_a_target_with_the_others_as_sharers(tmp_path):
+    settings = tiny_settings(tmp_path, rotate=True, targets=4, sharers=2, gate_objective="contrast", mix="dw",
+                             methods=("seed", "oppu", "retrieval", "random", "perpcs"))
+    report = run_bench(settings, tmp_path / "out")
+    rows = method_rows(report)
+    assert len(report["targets_users"]) == 4 and len(report["sharers"]) == 4  # everyone trains once
+    assert sorted((r["target"], r["method"]) for r in rows) == sorted(
+        (t, m) for t in report["targets_users"] for m in settings.methods)
+    users = report["targets_users"]
+    for i, t in enumerate(users):
+        oracle = next(r for r in report["rows"] if r["kind"] == "oracle" and r["user"] == t)
+        assert sorted(oracle["perplexity_by_sharer"]) == sorted(users[(i + j) % 4] for j in (1, 2))
+        retrieval = next(r for r in rows if r["target"] == t and r["method"] == "retrieval")
+        assert retrieval["detail"]["sharer"] in oracle["perplexity_by_sharer"]  # never its own adapter
+        oppu = next(r for r in rows if r["target"] == t and r["method"] == "oppu")
+        assert oppu["tokens_backward"] == report["sharers"][t]["lora_tokens"]  # its own adapter, reused
+    paired = report["paired"]
+    assert set(paired) == {"random", "retrieval", "oppu", "seed"} and all(c["n"] == 4 for c in paired.values())
+    gates = [r for r in report["rows"] if r["kind"] == "gates"]
+    assert len(gates) == 4 and all(r["chance_top1"] == pytest.approx(1 / 4) for r in gates)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## perpcs against each method, target by target" in md and "## the gates' own check" in md
+    assert "## oracle" in md
+    with pytest.raises(ValueError, match="must be below --targets"):
+        replace(settings, sharers=4)

@@ -178,6 +178,8 @@ def test_the_profile_is_attacked_without_noise_and_at_the_policys_epsilon(audit)
     # without noise a member's own embedding is in the mean: the attack sees it; ε = 1 hides it in noise
     assert report["profile"]["none"]["auc"]["mean"] > 0.6
     assert report["profile"]["1"]["auc"]["mean"] < report["profile"]["none"]["auc"]["mean"]
+    # and what the coordinator gets from it: without noise, a profile points at its own user's other records
+    assert report["profile"]["none"]["matched"] >= 0.5 and 0 <= report["profile"]["1"]["matched"] <= 1
 
 
 def test_a_rerun_computes_nothing_again_and_a_new_share_ratio_only_adds_its_rows(audit):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import random
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from protocols.records import PersonalRecord, save_records
 from simulation.federation import prepare_devices, simulate_devices
 from simulation.settings import SimulateSettings
 from simulation.user_data import UserData
-from simulation.wire_audit import auditing_server_app, coordinator_blobs, leaks, private_texts
+from simulation.wire_audit import auditing_server_app, coordinator_blobs, coordinator_log, leaks, private_texts
 
 NAMES = ["Ottoline-Quarrington", "Bartholomew-Vexley", "Philippa-Zanzibar", "Evander-Mulgrave"]
 WORDS = ("lantern marzipan quixotic harbour velvet juniper obsidian tangerine walrus cobalt pergola saffron "
@@ -62,17 +61,9 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
     save_records([broken[0], PersonalRecord(NAMES[-1], broken[1].input, broken[1].output, id=broken[0].id)],
                  run_dir / "devices" / "3" / "history.jsonl")
 
-    coordinator_log = io.StringIO()
-    handler = logging.StreamHandler(coordinator_log)
-    loggers = [logging.getLogger(name) for name in ("bouquet", "flwr")]
-    for lg in loggers:
-        lg.addHandler(handler)
     grids: list = []
-    try:
+    with coordinator_log() as captured:
         summary = simulate_devices(run_dir, mapping, settings, server_app=auditing_server_app(settings, grids))
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
 
     # the round did all it should, so that every kind of message was audited
     (grid,) = grids
@@ -83,10 +74,10 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
 
     secrets = private_texts(users, run_dir, public=[(catalog.folder / "catalog.json").read_text()])
     assert len(secrets) > 1000 and set(NAMES) <= secrets
-    blobs = coordinator_blobs(run_dir, grid, coordinator_log.getvalue())
+    blobs = coordinator_blobs(run_dir, grid, captured.getvalue())
     assert sum(name.startswith("message ") for name in blobs) == len(grid.messages) > 0
     assert "metrics.json" in blobs and any(name.startswith("pool") for name in blobs)
-    assert "sharers" in coordinator_log.getvalue()  # the log was captured
+    assert "sharers" in captured.getvalue()  # the log was captured
     assert leaks(blobs, secrets) == []
     # and the search itself finds what it looks for
     assert leaks({"a device file": (run_dir / "devices" / "0" / "history.jsonl").read_bytes()}, secrets)
@@ -171,3 +162,18 @@ def test_the_harness_joins_node_ids_with_its_users_by_key_id_and_prints_them():
     out = io.StringIO()
     print_summary(summary, Path("run"), Console(file=out, width=200))
     assert all(name in out.getvalue() for name in ("Ottoline", "Bartholomew", "Evander"))
+
+
+def test_the_leak_search_finds_every_secret_wherever_it_lies(monkeypatch):
+    import simulation.wire_audit as wire_audit
+
+    monkeypatch.setattr(wire_audit, "_CHUNK", 64)  # many chunks, so that secrets straddle their edges
+    rng = random.Random(0)
+    names = ["Ottoline", "ünïcode wïndow of twenty+ chars"]  # shorter and longer than a window, in bytes
+    windows = {sentence(rng, 4)[:20] for _ in range(300)}
+    secrets = windows | set(names)
+    chosen = sorted(windows)[:5] + names
+    noise = bytes(rng.randrange(256) for _ in range(5000))
+    blob = b"".join(noise[i * 700:(i + 1) * 700] + s.encode() for i, s in enumerate(chosen))
+    found = wire_audit.leaks({"blob": blob, "clean": noise}, secrets)
+    assert sorted(found) == sorted(f"blob: {s!r}" for s in chosen)

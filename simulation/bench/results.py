@@ -27,8 +27,11 @@ class Results:
 
     @staticmethod
     def key(row: dict) -> tuple:
-        return (row["kind"], row["target"], row["method"]) if row["kind"] == "method" else \
-            (row["kind"], row["sweep"], row["value"])
+        if row["kind"] == "method":
+            return row["kind"], row["target"], row["method"]
+        if row["kind"] == "sweep":
+            return row["kind"], row["sweep"], row["value"]
+        return row["kind"], row["user"]  # a gate check of a sharer, the oracle of a target
 
     def rejudge(self, judge: FidelityJudge) -> None:
         """Score the stored generations again where the judge has changed since they were scored: fidelity

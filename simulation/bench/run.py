@@ -22,15 +22,17 @@ import numpy as np
 from coordinator.pool import PiecePool
 from coordinator.validation import RegisteredSeed, seed_shapes
 from participants.profile import unit_profile
+from participants.precision import describe, resolve_precision
 from participants.progress import log, progress
-from participants.seed_loading import LoadedSeed, forget_seed, is_loaded, load_seed
+from participants.seed_loading import LoadedSeed, forget_seed, is_loaded, load_seed, pick_device
 from protocols.pieces import Piece
 from protocols.seeds import materialize
+from simulation.bench.gate_check import check_gates, pieces_by_sharer
 from simulation.bench.methods import BASE, RUNNERS, Bench, quality
 from simulation.bench.report import write_report
 from simulation.bench.results import Results
 from simulation.bench.seeds import SeedGroup, choose_seeds, open_catalog, seed_groups
-from simulation.bench.settings import METHODS, BenchSettings, check_run_dir
+from simulation.bench.settings import BenchSettings, check_run_dir
 from simulation.bench.sharers import device_pieces, prepare_sharers
 from simulation.bench.sweeps import sweep_point, sweep_values
 from simulation.bench.users import split_users
@@ -46,10 +48,7 @@ def token_clip(tokenizer, max_tokens: int):
 
 
 def hardware(seed: LoadedSeed) -> str:
-    import torch
-
-    where = torch.cuda.get_device_name(seed.device) if seed.device.type == "cuda" else "cpu"
-    return f"{where}, {seed.dtype}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return describe(seed.device, seed.precision)
 
 
 def _share(g: SeedGroup, s: BenchSettings, out: Path, pool: PiecePool, stats: dict) -> tuple[dict, list[Piece]]:
@@ -58,22 +57,23 @@ def _share(g: SeedGroup, s: BenchSettings, out: Path, pool: PiecePool, stats: di
     desc = materialize(g.source)
     pool.register_seed(RegisteredSeed(desc.seed_id, desc.content_hash, seed_shapes(desc.path)))
     if any(u.user not in stats for u in g.sharers):
-        stats = prepare_sharers(load_seed(g.source), s, g.sharers, out, pool, s.sent_share_ratio())
+        stats = prepare_sharers(load_seed(g.source, precision=s.precision), s, g.sharers, out, pool,
+                                s.sent_share_ratio())
     return stats, pool.get([pid for pid, *_ in pool.gates(desc.seed_id)])
 
 
 def _bench(g: SeedGroup, s: BenchSettings, out: Path, pool_pieces: list[Piece]) -> Bench:
-    return Bench(load_seed(g.source), s, out, [u.user for u in g.sharers], pool_pieces,
+    return Bench(load_seed(g.source, precision=s.precision), s, out, [u.user for u in g.sharers], pool_pieces,
                  {u.user: device_pieces(out, u.user) for u in g.sharers},
                  {u.user: unit_profile(u.history) for u in g.sharers}, g.label)
 
 
 def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results, judge: FidelityJudge,
-                 bar) -> None:
+                 bar, runners=RUNNERS) -> None:
     for index, target in targets:
-        for method in METHODS:
+        for method in b.s.methods:
             if ("method", target.user, method) not in results.done:
-                outcome = RUNNERS[method](b, target, index)
+                outcome = runners[method](b, target, index)
                 results.append({"kind": "method", "target": target.user, "method": method, "seed": b.label}
                                | outcome.costs() | quality(b, target, outcome.adapter, judge)
                                | {"detail": outcome.detail, "judge": judge.version})
@@ -83,10 +83,15 @@ def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results
 def run_bench(s: BenchSettings, out: str | Path) -> dict:
     """Run (or resume) the benchmark in `out`; write results.jsonl, report.json, report.md and plots."""
     out = Path(out)
+    resolve_precision(s.precision, pick_device())  # bf16 asked of hardware without it: refused before any work
+    if s.rotate:
+        from simulation.bench.folds import run_folds
+
+        return run_folds(s, out)
     catalog = open_catalog(s)
     sharers, targets = split_users(s)
     check_run_dir(out, s)
-    base = load_seed(s.seed_model)
+    base = load_seed(s.seed_model, precision=s.precision)
     clip = token_clip(base.tokenizer, s.max_new_tokens)
     judge = FidelityJudge(sharers + targets, clip=clip)
     results = Results(out / "results.jsonl")
@@ -98,12 +103,12 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
     ran_on: dict[str, str] = {}  # target -> the seed its rows use (and why, for a fallback), or why it has none
     pool_by_seed: dict[str, int] = {}
     base_bench = None  # the sweeps run on it (they are refused with a catalog)
-    with PiecePool(out / "pool") as pool, progress(len(targets) * len(METHODS), "bench") as bar:
+    with PiecePool(out / "pool") as pool, progress(len(targets) * len(s.methods), "bench") as bar:
         stranded: list[tuple[int, UserData]] = []  # targets whose own seed got no pieces: they go to the base
         for g in seed_groups(s, catalog, sharers, targets, selections):
             if g.label == BASE:
                 g.targets = sorted(g.targets + stranded, key=lambda it: it[0])
-            held = is_loaded(g.source)
+            held = is_loaded(g.source, precision=s.precision)
             stats, pool_pieces = _share(g, s, out, pool, stats)
             pool_by_seed[g.label] = len(pool_pieces)
             if pool_pieces:
@@ -111,12 +116,16 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
                     chosen = selections.get(t.user, {}).get("seed", g.label)
                     ran_on.setdefault(t.user, g.label if chosen == g.label else
                                       f"{g.label} (fallback: no sharer on {chosen})")
-                missing = any(("method", t.user, m) not in results.done for _, t in g.targets for m in METHODS)
+                missing = any(("method", t.user, m) not in results.done for _, t in g.targets for m in s.methods)
                 b = _bench(g, s, out, pool_pieces) if missing or (g.label == BASE and s.sweep) else None
                 if b is not None:
                     _run_targets(b, g.targets, results, judge, bar)
                 else:
-                    bar.update(len(g.targets) * len(METHODS))
+                    bar.update(len(g.targets) * len(s.methods))
+                if catalog is None:  # the gates' own check and each target's best single sharer
+                    full = {u.user: device_pieces(out, u.user) for u in g.sharers}
+                    check_gates(load_seed(g.source), s, g.sharers, pieces_by_sharer(pool_pieces, full),
+                                [(t, full) for _, t in g.targets], results, s.max_len)
                 if g.label == BASE:
                     base_bench = b
                 b = None
@@ -132,9 +141,9 @@ def run_bench(s: BenchSettings, out: str | Path) -> dict:
                 for _, t in g.targets:
                     ran_on[t.user] = "skipped: no pieces on its seed nor on the base"
                     log.warning("%s: no pieces on its seed nor on the base; it is left out", t.user)
-                bar.update(len(g.targets) * len(METHODS))
+                bar.update(len(g.targets) * len(s.methods))
             if not held:
-                forget_seed(g.source)  # one catalog seed in memory at a time
+                forget_seed(g.source, precision=s.precision)  # one catalog seed in memory at a time
     evaluated = [t for t in targets if not ran_on[t.user].startswith("skipped")]
     if not evaluated:
         raise ValueError(f"no target could be evaluated: every target's seed, and the base, got no pieces "

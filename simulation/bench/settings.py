@@ -17,7 +17,8 @@ from participants.privacy_policy import PrivacyPolicy
 from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings, is_styleqa
 
-METHODS = ("seed", "oppu", "retrieval", "random", "perpcs", "perpcs+ft")
+METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "random", "perpcs", "perpcs+ft", "perpcs+zo")
+FOLD_METHODS = ("seed", "oppu", "retrieval", "random", "perpcs")  # the medium preset leaves out perpcs+ft
 SWEEPS = ("share-ratio", "top-k", "sharers", "history")  # named by the setting each changes
 # Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
 # takes about 1.5 s there, a forward pass about 0.5 s, greedy generation about 15 tokens/s batched 8.
@@ -27,6 +28,17 @@ PRESETS: dict[str, dict[str, dict]] = {
                     "max_len": 128, "max_new_tokens": 40},
         "other": {"sharers": 6, "targets": 4, "history": 16, "test": 12, "lora_steps": 30, "gate_steps": 20,
                   "max_len": 96, "max_new_tokens": 32},
+    },
+    # Every user a target once (rotating folds), the others its sharers: 16 targets on health tweets (all its
+    # accounts), 18 on styleqa (two per style). Each user trains and shares once; its adapter is also its OPPU.
+    # Sized for at most 2 hours on 2 CPU cores.
+    "medium": {
+        "styleqa": {"rotate": True, "sharers": 17, "targets": 18, "history": 16, "test": 6, "lora_steps": 20,
+                    "gate_steps": 10, "max_len": 128, "max_new_tokens": 40, "gate_records": 6,
+                    "methods": FOLD_METHODS},
+        "other": {"rotate": True, "sharers": 15, "targets": 16, "history": 16, "test": 12, "lora_steps": 30,
+                  "gate_steps": 20, "max_len": 96, "max_new_tokens": 32, "gate_records": 6,
+                  "methods": FOLD_METHODS},
     },
 }
 
@@ -38,9 +50,14 @@ class BenchSettings(ParticipantSettings, UserSettings):
     max_share_ratio: float = setting(PrivacyPolicy.max_share_ratio, "every sharer's policy.json max-share-ratio: it "
                                      "sends min(share-ratio, this) of its pieces, as a device does", low=0, high=1,
                                      low_open=True)
-    ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4)", low=1)
+    ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4); perpcs+zo takes "
+                                         "zo-step-factor times as many zeroth-order steps", low=1)
     sweep: tuple[str, ...] = setting((), f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity as "
                                          f"each changes")
+    rotate: bool = setting(False, "rotating folds: each of the --targets users is a target once, its pool made by "
+                                  "--sharers of the others (the next ones in a fixed order); every user trains "
+                                  "and shares once, and its own adapter is its OPPU")
+    methods: tuple[str, ...] = setting(METHODS, f"comma-separated subset of {','.join(METHODS)}")
     catalog: str = same_as(RunSettings, "catalog", help="a seed catalog folder (`bouquet seeds build`, built on "
                            "--seed-model): every sharer and target first picks its seed on its own history, and "
                            "each target's methods run on its seed (\"\": all on --seed-model)")
@@ -52,10 +69,16 @@ class BenchSettings(ParticipantSettings, UserSettings):
         if self.ft_steps is None:
             object.__setattr__(self, "ft_steps", max(1, self.lora_steps // 4))
         object.__setattr__(self, "sweep", tuple(self.sweep))
+        object.__setattr__(self, "methods", tuple(m for m in METHODS if m in self.methods))
         unknown = sorted(set(self.sweep) - set(SWEEPS))
         check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "
                                                     f"({self.top_k})",
               unknown and f"unknown sweep {', '.join(unknown)}: choose among {', '.join(SWEEPS)}",
+              self.rotate and self.sharers >= self.targets and f"with --rotate the sharers of a fold are "
+              f"other targets: --sharers ({self.sharers}) must be below --targets ({self.targets})",
+              self.rotate and (self.catalog or self.sweep) and "--rotate runs on one seed without sweeps: leave out "
+                                                               "--catalog and --sweep",
+              not self.methods and f"no known method in --methods: choose among {', '.join(METHODS)}",
               self.catalog and self.sweep and "sweep runs on one seed and its pool; with a catalog the targets "
                                               "are spread over several seeds: run the sweeps without --catalog")
 
@@ -84,7 +107,7 @@ def resolve_settings(preset: str | None = None, **flags) -> BenchSettings:
     return BenchSettings(**values)
 
 
-def check_run_dir(out: Path, settings, may_grow: tuple[str, ...] = ("sweep",)) -> None:
+def check_run_dir(out: Path, settings, may_grow: tuple[str, ...] = ("sweep", "methods")) -> None:
     """Record the settings in out/settings.json, or refuse when the run there used other ones (those named in
     `may_grow`, lists of sweep points, may differ: a rerun adds points). `settings`: a settings dataclass with
     to_json(), such as BenchSettings."""

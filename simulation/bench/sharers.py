@@ -57,6 +57,7 @@ def prepare_sharers(seed: LoadedSeed, s: ParticipantSettings, sharers: list[User
                 stats[u.user] = {
                     "upload_bytes": m["upload-bytes"], "train_seconds": result.lora.seconds + result.gates.seconds,
                     "train_tokens": result.lora.tokens + result.gates.tokens, "lora_seconds": result.lora.seconds,
+                    "lora_tokens": result.lora.tokens,
                     "gate_seconds": result.gates.seconds, "lora_loss_first": m["lora-loss-first"],
                     "lora_loss_last": m["lora-loss-last"], "pieces_cut": len(result.pieces),
                     "pieces_shared": len(result.shared), "pieces_refused": len(refused), "epsilon": result.epsilon}

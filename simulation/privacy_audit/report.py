@@ -115,7 +115,9 @@ def profile_summary(rows: Rows, s: AuditSettings, users: list[str], epsilons: li
         splits = [_split(f["scores"], s.history) for f in found]
         aucs = [auc(m, o) for m, o in splits]
         members, others = np.concatenate([m for m, _ in splits]), np.concatenate([o for _, o in splits])
-        out[e] = {"auc": mean_interval(aucs), "auc_max": max(aucs), "pooled_tpr": tpr_at_fpr(members, others, LOW_FPR)}
+        matched = [f["nearest_is_self"] for f in found if "nearest_is_self" in f]  # rows of older runs lack it
+        out[e] = {"auc": mean_interval(aucs), "auc_max": max(aucs), "pooled_tpr": tpr_at_fpr(members, others, LOW_FPR),
+                  "matched": float(np.mean(matched)) if matched else None, "users": len(found)}
     return out
 
 
@@ -250,11 +252,15 @@ def _markdown(report: dict) -> str:
                   "The released profile (participants.profile: clipped mean embedding plus Gaussian noise for (ε, δ) "
                   f"per release, δ = {DEFAULT_POLICY.profile_delta:g}, clip {DEFAULT_POLICY.profile_clip_norm:g}; "
                   f"the default policy's ε is {DEFAULT_POLICY.profile_epsilon:g}) against each record's embedding, "
-                  "one release per user.", "",
-                  f"| profile ε | AUC [95% CI] | max | TPR @ {LOW_FPR:.0%} FPR pooled |", "|---|---|---|---|"]
+                  "one release per user. *Nearest its user*: what the profile is worth to the coordinator, the share "
+                  "of users whose released profile is nearer their own held-out records' profile than any other "
+                  "user's (chance: 1 / users).", "",
+                  f"| profile ε | AUC [95% CI] | max | TPR @ {LOW_FPR:.0%} FPR pooled | nearest its user |",
+                  "|---|---|---|---|---|"]
         for e, v in report["profile"].items():
+            matched = "–" if v.get("matched") is None else f"{v['matched']:.3f} (chance {1 / v['users']:.3f})"
             parts.append(f"| {'none (no noise)' if e == NO_DP else e} | {_ci(v['auc'])} | {v['auc_max']:.3f} | "
-                         f"{v['pooled_tpr']:.3f} |")
+                         f"{v['pooled_tpr']:.3f} | {matched} |")
     parts += ["", "## plots", ""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
     return "\n".join(parts) + "\n"
 

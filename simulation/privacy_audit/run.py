@@ -159,6 +159,8 @@ def _profile_attack(s: AuditSettings, users: list[UserData], results: AuditResul
         return
     log.info("profile attack: %d releases", len(todo))
     embeddings = {u.user: record_embeddings(u.history + u.test) for u in {u.user: u for u, _ in todo}.values()}
+    # the profile's use to the coordinator: is the released profile nearest its own user's other (held-out) records?
+    others = {u.user: unit_profile(u.test) for u in users}
     for u, label in todo:
         if label == NO_DP:
             released = unit_profile(u.history)
@@ -166,5 +168,7 @@ def _profile_attack(s: AuditSettings, users: list[UserData], results: AuditResul
             policy = replace(pinned_policy(s.rng_seed, u.user), profile_epsilon=epsilon_value(label))
             released = noised_profile(u.history, rng=policy.rng("profile"), clip_norm=policy.profile_clip_norm,
                                       epsilon=policy.profile_epsilon, delta=policy.profile_delta).embedding
+        nearest = max(others, key=lambda name: float(others[name] @ released))
         results.append({"kind": "profile", "epsilon": label, "user": u.user,
-                        "scores": (embeddings[u.user] @ released).astype(float).tolist()})
+                        "scores": (embeddings[u.user] @ released).astype(float).tolist(),
+                        "nearest_is_self": nearest == u.user})

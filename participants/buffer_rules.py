@@ -1,0 +1,115 @@
+"""Which item leaves a full buffer when a new one arrives, and which items the owner is asked to annotate first:
+one entry per rule (participants.stream_settings.RULES), all at the same capacity B.
+
+    sdss     the new item competes with the weakest unannotated item of its dominant domain's bucket (the
+             authors' rule, with their comparison turned the right way: the new item enters only when it scores
+             higher). Their code freezes the domains' shares once the buffer is full and drops an item whose
+             bucket is empty; here such an item competes with the weakest of the largest bucket, so a domain
+             that appears late can enter. IDD is measured when compared, against the bucket as it is then
+             (leave-one-out for the stored items), since what is redundant changes as the buffer does.
+             Annotation: the highest combined score first.
+    fifo     the oldest unannotated item leaves. Annotation: oldest first.
+    random   reservoir sampling (Vitter's algorithm R): the n-th item enters with probability B / n, in place of
+             a uniformly chosen unannotated item. Its randomness derives from (rng_seed, n), so it needs no state
+             and a replay decides the same. Annotation: a seeded random order per round.
+    kcenter  the online greedy k-center heuristic on centered unit embeddings: of the unannotated items and the
+             new one, the one nearest to any other item (the most redundant) leaves. Annotation: farthest-first
+             traversal from what is already annotated, the greedy k-center order.
+
+Annotated items keep their slots: the owner's labels are the scarcest thing the device has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from participants.selection_scores import StreamScorer, combined, in_domain_dissimilarity
+from participants.stream_settings import BufferSettings
+from protocols.records import PersonalRecord
+
+
+@dataclass
+class BufferItem:
+    record: PersonalRecord  # output "" until annotated (or given with it)
+    seq: int  # its place in the stream, from 1
+    embedding: np.ndarray  # E(T), float32
+    domain: int  # its dominant domain d* when it arrived
+    eoe: float
+    dss: float
+    idd: float  # at arrival
+    annotation: dict | None = None  # who annotated it, in which round, when
+    synthetic: list[dict] = field(default_factory=list)  # the kept written pairs
+    written: int = 0  # pairs the model wrote for it, kept or not
+
+    @property
+    def annotated(self) -> bool:
+        return self.annotation is not None
+
+
+def current_idd(items: list[BufferItem], i: int, centered: np.ndarray) -> float:
+    """Item i's dissimilarity to the other items of its bucket, now."""
+    others = [j for j, it in enumerate(items) if j != i and it.domain == items[i].domain]
+    return in_domain_dissimilarity(centered[i], centered[others])
+
+
+def sdss_value(items: list[BufferItem], i: int, centered: np.ndarray, scorer: StreamScorer, combine: str) -> float:
+    it = items[i]
+    return combined({"eoe": it.eoe, "dss": it.dss, "idd": current_idd(items, i, centered)}, scorer, combine)
+
+
+def evict(items: list[BufferItem], new: BufferItem, scorer: StreamScorer, s: BufferSettings) -> int | None:
+    """The index of the item the new one replaces in a full buffer, or None: the new one is not kept."""
+    free = [i for i, it in enumerate(items) if not it.annotated]
+    if not free:
+        return None
+    if s.rule == "fifo":
+        return min(free, key=lambda i: items[i].seq)
+    if s.rule == "random":
+        rng = np.random.default_rng([s.rng_seed, new.seq])
+        return free[int(rng.integers(len(free)))] if rng.random() < s.capacity / new.seq else None
+    centered = scorer.centered(np.stack([it.embedding for it in items] + [new.embedding]))
+    if s.rule == "kcenter":
+        cos = centered @ centered.T
+        np.fill_diagonal(cos, -np.inf)
+        nearest = cos.max(axis=1)  # the most similar other item, per item
+        candidates = free + [len(items)]
+        loser = max(candidates, key=lambda i: (nearest[i], i))  # ties: the newest leaves
+        return None if loser == len(items) else loser
+    bucket = [i for i in free if items[i].domain == new.domain]
+    if not bucket:  # a domain the buffer's free slots lack: compete with the largest bucket
+        sizes = np.bincount([items[i].domain for i in free])
+        bucket = [i for i in free if items[i].domain == int(sizes.argmax())]
+    values = {i: sdss_value(items, i, centered[:-1], scorer, s.combine) for i in bucket}
+    weakest = min(bucket, key=lambda i: (values[i], -items[i].seq))
+    new_value = combined({"eoe": new.eoe, "dss": new.dss, "idd": new.idd}, scorer, s.combine)
+    return weakest if new_value > values[weakest] else None
+
+
+def annotation_order(items: list[BufferItem], scorer: StreamScorer, s: BufferSettings, round_no: int) -> list[int]:
+    """The unannotated items' indices, in the order the rule asks the owner to annotate them."""
+    free = [i for i, it in enumerate(items) if not it.annotated]
+    if not free:
+        return []
+    if s.rule == "fifo":
+        return sorted(free, key=lambda i: items[i].seq)
+    if s.rule == "random":
+        rng = np.random.default_rng([s.rng_seed, 1 << 40, round_no])
+        return [free[k] for k in rng.permutation(len(free))]
+    centered = scorer.centered(np.stack([it.embedding for it in items]))
+    if s.rule == "sdss":
+        values = {i: sdss_value(items, i, centered, scorer, s.combine) for i in free}
+        return sorted(free, key=lambda i: (-values[i], items[i].seq))
+    chosen = [i for i, it in enumerate(items) if it.annotated]
+    order, left = [], sorted(free, key=lambda i: items[i].seq)
+    while left:
+        if chosen:
+            distance = [1 - (centered[chosen] @ centered[i]).max() for i in left]
+            pick = left[int(np.argmax(distance))]
+        else:
+            pick = left[0]
+        order.append(pick)
+        chosen.append(pick)
+        left.remove(pick)
+    return order

@@ -1,0 +1,283 @@
+"""The device's stream buffer: records arrive one at a time, a buffer of B items keeps those its rule prefers
+(participants.buffer_rules, scored by participants.selection_scores), the owner annotates a few of them per round,
+and the device's model writes pairs like each annotated item (participants.synthesis). What a sharer trains on is
+then the annotated items plus their kept pairs (`training_records`).
+
+It lives in the device folder as `buffer.json`: the items (their records, scores and embeddings, who annotated
+them and the kept pairs), the domains and running statistics the scores depend on, its settings, and the seed
+whose hidden states scored it. Durability: every change is a whole new file, written to a temp file, synced,
+renamed into place and the folder synced (protocols.files.write_atomic plus a directory fsync), under an
+exclusive lock (`buffer.lock`). A command that returned has its change on disk; a command killed before that
+leaves the file as it was. A file damaged on disk fails its SHA-256 (kept inside it) and is refused on start,
+saying what to do; the device never overwrites it.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from participants.buffer_rules import BufferItem, annotation_order, evict
+from participants.selection_scores import ItemFeatures, StreamScorer, Welford, embedding_entropy, in_domain_dissimilarity
+from participants.stream_settings import BufferSettings, SynthesisSettings
+from protocols.files import write_atomic
+from protocols.records import PersonalRecord, parse_record
+
+BUFFER_FILE = "buffer.json"
+LOCK_FILE = "buffer.lock"
+FORMAT = "bouquet-buffer/1"
+RECENT_BATCHES = 32  # digests of the latest added files, so that re-running an add whose reply was lost is a no-op
+
+
+class BufferDamaged(RuntimeError):
+    """buffer.json cannot be trusted: it does not parse, or its checksum or contents are wrong."""
+
+
+def _b64(array: np.ndarray, dtype: str = "<f4") -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
+
+
+def _array(text: str, shape: tuple[int, ...] | None = None, dtype: str = "<f4") -> np.ndarray:
+    """The array, from its base64 bytes (float64 for the scorer's running means, so that a reload is exact)."""
+    array = np.frombuffer(base64.b64decode(text, validate=True), dtype=dtype).copy()
+    return array.reshape(shape) if shape is not None else array
+
+
+@dataclass
+class StreamBuffer:
+    settings: BufferSettings
+    synthesis: SynthesisSettings
+    seed_id: str
+    seed_hash: str
+    scorer: StreamScorer
+    items: list[BufferItem] = field(default_factory=list)
+    rounds: int = 0  # annotation rounds held
+    kept: int = 0  # items that entered the buffer
+    batches: list[str] = field(default_factory=list)  # digests of the latest added files
+
+    @classmethod
+    def new(cls, settings: BufferSettings, synthesis: SynthesisSettings, seed_id: str, seed_hash: str):
+        return cls(settings, synthesis, seed_id, seed_hash, StreamScorer(settings.domains))
+
+    @property
+    def seen(self) -> int:
+        return self.scorer.seen
+
+    # --- the stream -------------------------------------------------------------------------------------------
+
+    def offer(self, record: PersonalRecord, f: ItemFeatures, annotation: dict | None = None) -> int | None:
+        """Score an arriving record and keep it or not; returns the index it got, or None when not kept. The
+        scorer learns from every item, kept or not."""
+        sc = self.scorer
+        shares = sc.domain_shares(f.tokens)
+        domain = int(shares.argmax())
+        centered = sc.centered(f.embedding[None])[0]
+        bucket = [it.embedding for it in self.items if it.domain == domain]
+        idd = in_domain_dissimilarity(centered, sc.centered(np.stack(bucket)) if bucket else np.zeros((0, 1)))
+        item = BufferItem(record, sc.seen + 1, f.embedding.astype(np.float32), domain,
+                          embedding_entropy(f.embedding, f.n_tokens), float(shares[domain]), idd,
+                          annotation if record.output else None)
+        for k in ("eoe", "dss", "idd"):
+            sc.stats[k].add(getattr(item, k))
+        if len(self.items) < self.settings.capacity:
+            slot = len(self.items)
+            self.items.append(item)
+        else:
+            slot = evict(self.items, item, sc, self.settings)
+            if slot is not None:
+                self.items[slot] = item
+        sc.learn(f)
+        self.kept += slot is not None
+        return slot
+
+    # --- annotation -------------------------------------------------------------------------------------------
+
+    def requests(self) -> list[BufferItem]:
+        """This round's items to annotate: up to `budget` unannotated items, in the rule's order."""
+        order = annotation_order(self.items, self.scorer, self.settings, self.rounds + 1)
+        return [self.items[i] for i in order[: self.settings.budget]]
+
+    def find(self, user: str, item_id: str | None, input: str) -> BufferItem | None:
+        for it in self.items:
+            if it.record.user == user and it.record.id == item_id and (item_id is not None or it.record.input == input):
+                return it
+        return None
+
+    def annotate(self, answers: list[PersonalRecord], by: str, synthesize=None) -> list[BufferItem]:
+        """Record the owner's answers to buffered items as one annotation round, and the pairs `synthesize`
+        (records -> participants.synthesis.Synthesis per record) writes for them. An answer must name an item
+        the buffer holds, unannotated, and fit the round's budget; otherwise nothing is recorded."""
+        if len(answers) > self.settings.budget:
+            raise ValueError(f"{len(answers)} answers, but a round annotates at most {self.settings.budget} items "
+                             f"(the buffer's budget)")
+        targets = []
+        for n, answer in enumerate(answers, start=1):
+            item = self.find(answer.user, answer.id, answer.input)
+            what = f"answer {n} (user {answer.user!r}, id {answer.id!r})"
+            if item is None:
+                raise ValueError(f"{what}: the buffer holds no such item (it may have left the buffer); ask "
+                                 f"`bouquet device annotate DIR --ask` for the items to annotate")
+            if item.annotated or item in targets:
+                raise ValueError(f"{what}: already annotated by {item.annotation['by'] if item.annotation else by!r}")
+            if not answer.output.strip():
+                raise ValueError(f"{what}: the answer ('output') is empty")
+            targets.append(item)
+        self.rounds += 1
+        stamp = {"by": by, "round": self.rounds, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for item, answer in zip(targets, answers):
+            item.record = PersonalRecord(item.record.user, item.record.input, answer.output, item.record.id,
+                                         item.record.time)
+            item.annotation = dict(stamp)
+        made = synthesize([t.record for t in targets]) if synthesize is not None else []
+        for item, synthesis in zip(targets, made):
+            item.written = synthesis.written
+            item.synthetic = [p.to_json() for p in synthesis.kept]
+        return targets
+
+    def annotated(self) -> list[BufferItem]:
+        return sorted((it for it in self.items if it.annotated), key=lambda it: it.seq)
+
+    def training_records(self, with_synthetic: bool = True) -> list[PersonalRecord]:
+        """What the private adapter and a sharer's pieces train on: the annotated items and their kept pairs."""
+        out = []
+        for it in self.annotated():
+            out.append(it.record)
+            if with_synthetic:
+                out += [PersonalRecord(it.record.user, p["input"], p["output"]) for p in it.synthetic]
+        return out
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What the buffer holds in memory: its items' text, their embeddings, and the scorer's state."""
+        text = sum(len(it.record.input.encode()) + len(it.record.output.encode()) for it in self.items)
+        pairs = sum(len(p["input"].encode()) + len(p["output"].encode()) for it in self.items for p in it.synthetic)
+        emb = sum(it.embedding.nbytes for it in self.items)
+        sc = self.scorer
+        state = (sc.centroids.nbytes if sc.centroids is not None else 0) + \
+                (sc.mean_embedding.nbytes if sc.mean_embedding is not None else 0)
+        return {"text": text, "pairs": pairs, "embeddings": emb, "scorer": state, "total": text + pairs + emb + state}
+
+    # --- the file ---------------------------------------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        sc = self.scorer
+        return {
+            "settings": self.settings.to_json(), "synthesis": self.synthesis.to_json(),
+            "seed": {"id": self.seed_id, "content-hash": self.seed_hash},
+            "rounds": self.rounds, "kept": self.kept, "batches": self.batches,
+            "scorer": {"seen": sc.seen, "dim": 0 if sc.mean_embedding is None else int(sc.mean_embedding.size),
+                       "centroids": None if sc.centroids is None else _b64(sc.centroids, "<f8"),
+                       "counts": None if sc.counts is None else [float(c) for c in sc.counts],
+                       "mean": None if sc.mean_embedding is None else _b64(sc.mean_embedding, "<f8"),
+                       "stats": {k: [w.n, w.mean, w.m2] for k, w in sc.stats.items()}},
+            "items": [{"record": json.loads(it.record.to_json()) | {"output": it.record.output}, "seq": it.seq,
+                       "embedding": _b64(it.embedding), "domain": it.domain, "eoe": it.eoe, "dss": it.dss,
+                       "idd": it.idd, "annotation": it.annotation, "synthetic": it.synthetic, "written": it.written}
+                      for it in self.items],
+        }
+
+    def to_bytes(self) -> bytes:
+        state = self.to_state()
+        return json.dumps({"format": FORMAT, "sha256": _digest(state), "state": state}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "StreamBuffer":
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BufferDamaged(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise BufferDamaged(f"{where}: not a bouquet buffer file (format {doc.get('format')!r} where "
+                                f"{FORMAT!r} was expected)" if isinstance(doc, dict) else f"{where}: not a buffer file")
+        state = doc.get("state")
+        if not isinstance(state, dict) or doc.get("sha256") != _digest(state):
+            raise BufferDamaged(f"{where}: its contents do not match the checksum written with them: the file was "
+                                f"changed or damaged on disk")
+        try:
+            return cls._from_state(state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise BufferDamaged(f"{where}: its contents are inconsistent ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def _from_state(cls, state: dict) -> "StreamBuffer":
+        s = BufferSettings(**state["settings"])
+        sc_state = state["scorer"]
+        dim = int(sc_state["dim"])
+        scorer = StreamScorer(s.domains, seen=int(sc_state["seen"]),
+                              stats={k: Welford(int(v[0]), float(v[1]), float(v[2]))
+                                     for k, v in sc_state["stats"].items()})
+        if sc_state["centroids"] is not None:
+            scorer.centroids = _array(sc_state["centroids"], (-1, dim), "<f8")
+            scorer.counts = np.asarray(sc_state["counts"], dtype=np.float64)
+            scorer.mean_embedding = _array(sc_state["mean"], (dim,), "<f8")
+        items = []
+        for n, raw in enumerate(state["items"]):
+            record = parse_record(raw["record"], f"item {n}", require_output=False)
+            embedding = _array(raw["embedding"])
+            if embedding.shape != (dim,) or not np.isfinite(embedding).all():
+                raise ValueError(f"item {n}'s embedding has {embedding.size} values, not {dim} finite ones")
+            items.append(BufferItem(record, int(raw["seq"]), embedding, int(raw["domain"]), float(raw["eoe"]),
+                                    float(raw["dss"]), float(raw["idd"]), raw["annotation"], list(raw["synthetic"]),
+                                    int(raw["written"])))
+        if len(items) > s.capacity:
+            raise ValueError(f"{len(items)} items in a buffer of capacity {s.capacity}")
+        return cls(s, SynthesisSettings(**state["synthesis"]), str(state["seed"]["id"]),
+                   str(state["seed"]["content-hash"]), scorer, items, int(state["rounds"]), int(state["kept"]),
+                   [str(b) for b in state["batches"]])
+
+
+def _digest(state: dict) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- on disk --------------------------------------------------------------------------------------------------
+
+
+def buffer_path(root: str | Path) -> Path:
+    return Path(root) / BUFFER_FILE
+
+
+def what_to_do(path: Path) -> str:
+    return (f"the device will not overwrite it. Restore {path.name} from a backup, or move it aside "
+            f"(mv {path} {path}.damaged) to start an empty buffer and add the records again")
+
+
+def load_buffer(root: str | Path) -> StreamBuffer | None:
+    """The device's buffer, or None when it has none; BufferDamaged (saying what to do) when it cannot be read."""
+    path = buffer_path(root)
+    if not path.exists():
+        return None
+    try:
+        return StreamBuffer.from_bytes(path.read_bytes(), str(path))
+    except BufferDamaged as err:
+        raise BufferDamaged(f"{err}; {what_to_do(path)}") from None
+
+
+def save_buffer(root: str | Path, buffer: StreamBuffer) -> None:
+    """Replace buffer.json with this state, durably: synced file, atomic rename, synced folder."""
+    path = buffer_path(root)
+    write_atomic(path, buffer.to_bytes())
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself reaches the disk before the caller acknowledges anything
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(root: str | Path):
+    """Exclusive use of the device's buffer for one read-change-write (two `device add` at once would lose one)."""
+    with open(Path(root) / LOCK_FILE, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
