@@ -51,10 +51,11 @@ def write_plots(out: Path, report: dict, figures: dict[tuple, list[dict]]) -> li
     fig, axes = plt.subplots(1, len(epsilons), figsize=(5 * len(epsilons), 3.8), squeeze=False)
     for ax, e in zip(axes[0], epsilons):
         keys = sorted((k for k in summaries if k[0] == e), key=lambda k: k[1])
-        for field, name in attacks:
+        for j, (field, name) in enumerate(attacks):
             if field in summaries[keys[0]]:
                 values = [summaries[k][field] for k in keys]
-                ax.errorbar([k[1] for k in keys], [v["mean"] for v in values],
+                dodge = 0.012 * (j - (len(attacks) - 1) / 2)  # side by side, so that the intervals can be read
+                ax.errorbar([k[1] + dodge for k in keys], [v["mean"] for v in values],
                             yerr=[[v["mean"] - v["low"] for v in values], [v["high"] - v["mean"] for v in values]],
                             marker="o", capsize=3, label=name)
         ax.axhline(0.5, color="gray", linestyle=":")
