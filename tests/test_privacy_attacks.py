@@ -17,8 +17,9 @@ from participants.evaluation import perplexity
 from participants.lora_training import LoraSettings, train_private_lora
 from participants.privacy_policy import PrivacyPolicy
 from protocols.records import PersonalRecord, save_records
-from simulation.privacy_audit.attacks import (auc, chance_aucs, extraction_overlap, ngram_overlap,
-                                              pooled_perplexity, record_pass, tpr_at_fpr, word_ngrams)
+from simulation.privacy_audit.attacks import (auc, chance_aucs, extraction_overlap, membership_scores,
+                                              ngram_overlap, pooled_perplexity, record_pass, tpr_at_fpr,
+                                              word_ngrams)
 from simulation.privacy_audit.run import run_audit
 from simulation.privacy_audit.settings import AuditSettings
 
@@ -120,6 +121,20 @@ def test_membership_inference_finds_the_records_an_adapter_was_overfit_to(tiny_s
     assert tpr_at_fpr(drop[:8], drop[8:], 0.01) > 0.5
 
 
+def test_the_loss_ratio_sees_members_that_the_loss_drop_misses_among_records_of_unequal_difficulty():
+    # members easy for the seed (loss 2) drop by 20%; non-members hard (loss 6) drop by more in absolute terms
+    # (0.5 against 0.4) but by less relative to their difficulty (8%): only the calibrated attack ranks them right
+    bare = np.r_[np.full(4, 2.0), np.full(4, 6.0)] + np.linspace(0, 0.01, 8)
+    tuned = np.r_[bare[:4] * 0.8, bare[4:] - 0.5]
+    scores = membership_scores(bare, tuned)
+    assert scores["drop"] == pytest.approx(bare - tuned)
+    assert auc(scores["drop"][:4], scores["drop"][4:]) == 0.0
+    assert auc(scores["ratio"][:4], scores["ratio"][4:]) == 1.0
+    assert np.isfinite(membership_scores([3.0], [0.0])["ratio"]).all()  # a recited record: no infinite score
+    with pytest.raises(ValueError, match="a loss per record in both passes"):
+        membership_scores([1.0, 2.0], [1.0])
+
+
 # --- the whole audit on the tiny seed ------------------------------------------------------------------------
 
 
@@ -152,12 +167,13 @@ def test_every_setting_attacks_every_sharer_and_the_report_is_written(audit):
     for item in report["summaries"]:
         v = item["summary"]
         assert v["users"] == 4 and v["sent"] == item["share_ratio"]
-        for attack in ("mia_auc", "gate_activation_auc", "gate_score_auc", "extraction_auc"):
+        for attack in ("mia_auc", "mia_ratio_auc", "gate_activation_auc", "gate_score_auc", "extraction_auc"):
             assert 0 <= v[attack]["low"] <= v[attack]["mean"] <= v[attack]["high"] <= 1
         assert v["perpcs_perplexity"] > 0 and v["seed_perplexity"] > 0
     assert set(report["per_sharer"]["none@0.5"]) == set(report["users"]) == {f"user{u}" for u in range(4)}
     md = (out / "report.md").read_text()
-    assert "## targets" in md and "## profile attack" in md and "| user3 |" in md
+    assert "## targets" in md and "## profile attack" in md and "| user3 |" in md and "MIA ratio AUC" in md
+    assert "loss drop: mean" in report["targets"][1]["evidence"] and "loss ratio: mean" in report["targets"][1]["evidence"]
 
 
 def test_the_default_policy_never_hands_a_newcomer_a_whole_adapter(audit):

@@ -5,7 +5,10 @@ records. The attacker holds what a sharer releases and the public seed, as the c
 do (README, "Threat model"):
 
     membership inference  loss_seed(r) - loss_pieces(r): how much the shared pieces, applied as a LoRA at their
-                          positions, lower the mean loss of record r's answer tokens
+                          positions, lower the mean loss of record r's answer tokens (the issue's score); and
+                          log(loss_seed(r) / loss_pieces(r)), the drop relative to how hard the seed finds r: the
+                          reference-model ratio of Carlini et al. (2021), a stronger attack where records differ in
+                          difficulty (a hard record's loss drops more in absolute terms, member or not)
     extraction            the share of the word n-grams of a greedy generation under the pieces, prompted with r's
                           input, that occur in r's answer but not in its prompt (copying the prompt proves nothing)
     gate                  the shared gates on r's hidden states, on the bare seed: the mean over the shared
@@ -69,6 +72,18 @@ def _labeled(members: Sequence[float], non_members: Sequence[float]) -> tuple[np
     if not np.all(np.isfinite(scores)):
         raise ValueError("attack scores must be finite")
     return np.r_[np.ones(len(members)), np.zeros(len(non_members))], scores
+
+
+def membership_scores(bare_losses: Sequence[float], tuned_losses: Sequence[float]) -> dict[str, np.ndarray]:
+    """Each record's membership scores from its answer loss on the bare seed and under the shared pieces:
+    "drop", the loss drop; "ratio", the log of the seed's loss over the pieces' (the drop calibrated by the
+    record's difficulty). Higher: more likely a member."""
+    bare, tuned = np.asarray(bare_losses, float), np.asarray(tuned_losses, float)
+    if bare.shape != tuned.shape:
+        raise ValueError(f"membership scores need a loss per record in both passes, got {bare.shape} and "
+                         f"{tuned.shape}")
+    floor = 1e-6  # a mean cross-entropy is > 0; this keeps the log finite where the pieces recite a record
+    return {"drop": bare - tuned, "ratio": np.log(np.maximum(bare, floor)) - np.log(np.maximum(tuned, floor))}
 
 
 # --- extraction ------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def write_plots(out: Path, report: dict, figures: dict[tuple, list[dict]]) -> li
     ax.legend(fontsize="small")
     names.append(save_figure(fig, out / "privacy_utility.png"))
 
-    attacks = [("mia_auc", "membership inference"), ("gate_activation_auc", "gate σ(g·x)"),
+    attacks = [("mia_auc", "membership inference"), ("mia_ratio_auc", "membership inference, loss ratio"),
+               ("gate_activation_auc", "gate σ(g·x)"),
                ("gate_score_auc", "gate score"), ("extraction_auc", "extraction")]
     fig, axes = plt.subplots(1, len(epsilons), figsize=(5 * len(epsilons), 3.8), squeeze=False)
     for ax, e in zip(axes[0], epsilons):
@@ -66,11 +67,12 @@ def write_plots(out: Path, report: dict, figures: dict[tuple, list[dict]]) -> li
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for key, found in figures.items():
-        members = np.concatenate([f["mia_members"] for f in found])
-        others = np.concatenate([f["mia_non_members"] for f in found])
-        fpr, tpr, _ = roc_curve(np.r_[np.ones(len(members)), np.zeros(len(others))], np.r_[members, others])
-        ax.plot(fpr, tpr, label=f"{_label(key[0])}, ratio {key[1]:g}")
+    for i, (key, found) in enumerate(figures.items()):
+        for prefix, style, attack in (("mia", "-", "loss drop"), ("mia_ratio", "--", "loss ratio")):
+            members = np.concatenate([f[f"{prefix}_members"] for f in found])
+            others = np.concatenate([f[f"{prefix}_non_members"] for f in found])
+            fpr, tpr, _ = roc_curve(np.r_[np.ones(len(members)), np.zeros(len(others))], np.r_[members, others])
+            ax.plot(fpr, tpr, style, color=f"C{i}", label=f"{_label(key[0])}, share {key[1]:g}, {attack}")
     floor = 1 / max(len(others), 1)
     chance = np.logspace(np.log10(floor), 0, 50)
     ax.plot(chance, chance, color="gray", linestyle=":")

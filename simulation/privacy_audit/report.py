@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from simulation.paired_stats import mean_interval, paired_difference, ratio_of_means
-from simulation.privacy_audit.attacks import auc, chance_aucs, pooled_perplexity, tpr_at_fpr
+from simulation.privacy_audit.attacks import auc, chance_aucs, membership_scores, pooled_perplexity, tpr_at_fpr
 from simulation.privacy_audit.plots import write_plots
 from simulation.privacy_audit.settings import DEFAULT_POLICY, NO_DP, AuditSettings, epsilon_value
 
 LOW_FPR = 0.01
+# the membership inference attacks (simulation.privacy_audit.attacks.membership_scores) and their figures' prefix
+MIA = {"drop": "mia", "ratio": "mia_ratio"}
 
 
 class Rows:
@@ -43,11 +45,12 @@ def sharer_figures(rows: Rows, s: AuditSettings, epsilon: str, ratio: float, use
     if bare is None or attack is None or utility is None:
         return None
     m = s.history
-    mia_members, mia_others = _split(np.subtract(bare["losses"], attack["losses"]), m)
-    figures = {"user": user, "mia_auc": auc(mia_members, mia_others),
-               "mia_tpr": tpr_at_fpr(mia_members, mia_others, LOW_FPR),
-               "mia_members": mia_members.tolist(), "mia_non_members": mia_others.tolist(),
-               "sent": attack["pieces_sent"] / attack["pieces_cut"]}
+    figures = {"user": user, "sent": attack["pieces_sent"] / attack["pieces_cut"]}
+    for name, score in membership_scores(bare["losses"], attack["losses"]).items():
+        prefix = MIA[name]
+        members, others = _split(score, m)
+        figures |= {f"{prefix}_auc": auc(members, others), f"{prefix}_tpr": tpr_at_fpr(members, others, LOW_FPR),
+                    f"{prefix}_members": members.tolist(), f"{prefix}_non_members": others.tolist()}
     for name in ("gate_activation", "gate_score"):
         score = np.mean([bare[name][pos] for pos in attack["positions"]], axis=0)
         figures[f"{name}_auc"] = auc(*_split(score, m))
@@ -71,18 +74,20 @@ def setting_summary(per_sharer: list[dict]) -> dict:
     def column(name: str) -> list[float]:
         return [f[name] for f in per_sharer]
 
-    worst = max(per_sharer, key=lambda f: f["mia_auc"])
-    members = np.concatenate([f["mia_members"] for f in per_sharer])
-    others = np.concatenate([f["mia_non_members"] for f in per_sharer])
-    out = {"users": len(per_sharer), "sent": float(np.mean(column("sent"))),
-           "mia_auc": mean_interval(column("mia_auc")), "mia_auc_max": worst["mia_auc"],
-           "mia_auc_max_user": worst["user"], "mia_tpr": mean_interval(column("mia_tpr")),
-           "mia_pooled_auc": auc(members, others), "mia_pooled_tpr": tpr_at_fpr(members, others, LOW_FPR),
-           "gate_activation_auc": mean_interval(column("gate_activation_auc")),
-           "gate_score_auc": mean_interval(column("gate_score_auc")),
-           "seed_perplexity": float(np.mean(column("seed_perplexity"))),
-           "perpcs_perplexity": float(np.mean(column("perpcs_perplexity"))), "gain": mean_interval(column("gain")),
-           "received_max": max(column("received_max")), "received_all": sum(column("received_all"))}
+    out = {"users": len(per_sharer), "sent": float(np.mean(column("sent")))}
+    for prefix in MIA.values():
+        worst = max(per_sharer, key=lambda f: f[f"{prefix}_auc"])
+        members = np.concatenate([f[f"{prefix}_members"] for f in per_sharer])
+        others = np.concatenate([f[f"{prefix}_non_members"] for f in per_sharer])
+        out |= {f"{prefix}_auc": mean_interval(column(f"{prefix}_auc")), f"{prefix}_auc_max": worst[f"{prefix}_auc"],
+                f"{prefix}_auc_max_user": worst["user"], f"{prefix}_tpr": mean_interval(column(f"{prefix}_tpr")),
+                f"{prefix}_pooled_auc": auc(members, others),
+                f"{prefix}_pooled_tpr": tpr_at_fpr(members, others, LOW_FPR)}
+    out |= {"gate_activation_auc": mean_interval(column("gate_activation_auc")),
+            "gate_score_auc": mean_interval(column("gate_score_auc")),
+            "seed_perplexity": float(np.mean(column("seed_perplexity"))),
+            "perpcs_perplexity": float(np.mean(column("perpcs_perplexity"))), "gain": mean_interval(column("gain")),
+            "received_max": max(column("received_max")), "received_all": sum(column("received_all"))}
     if "extraction_gap" in per_sharer[0]:
         out |= {name: float(np.mean(column(name))) for name in (
                     "extraction_members", "extraction_non_members", "extraction_raw_members",
@@ -94,13 +99,14 @@ def setting_summary(per_sharer: list[dict]) -> dict:
 
 
 def compare(a: list[dict], b: list[dict]) -> dict:
-    """Setting a against setting b on the same sharers: the MIA AUC's paired difference, and a's Per-Pcs gain
+    """Setting a against setting b on the same sharers: the MIA AUCs' paired differences, and a's Per-Pcs gain
     over the seed as a share of b's."""
     by_user = {f["user"]: f for f in b}
     a = [f for f in a if f["user"] in by_user]
     b = [by_user[f["user"]] for f in a]
     return {"users": len(a),
-            "mia_auc": paired_difference([f["mia_auc"] for f in a], [f["mia_auc"] for f in b]),
+            **{f"{p}_auc": paired_difference([f[f"{p}_auc"] for f in a], [f[f"{p}_auc"] for f in b])
+               for p in MIA.values()},
             "perplexity": paired_difference([f["perpcs_perplexity"] for f in a], [f["perpcs_perplexity"] for f in b]),
             "gain_kept": ratio_of_means([f["gain"] for f in a], [f["gain"] for f in b])}
 
@@ -137,30 +143,33 @@ def check_targets(s: AuditSettings, figures: dict, summaries: dict) -> list[dict
         goal(text, at_default["received_all"] == 0,
              f"the most any target received of one sharer's pieces (A, B): {at_default['received_max']:.0%}; every "
              f"sharer sent {at_default['sent']:.0%} of its pieces and gates")
-    text = "at the default policy, MIA mean per-sharer AUC ≤ 0.55 and none above 0.65"
+    text = "at the default policy, MIA mean per-sharer AUC ≤ 0.55 and none above 0.65 (both attacks: loss drop, " \
+           "loss ratio)"
     if at_default is None:
         goal(text, None, f"not measured: run --share-ratios with {default[1]:g}")
     else:
-        m = at_default["mia_auc"]
         means, maxes = chance_aucs(s.history, s.test, at_default["users"])
-        goal(text, m["mean"] <= 0.55 and at_default["mia_auc_max"] <= 0.65,
-             f"mean {_ci(m)}, max {at_default['mia_auc_max']:.3f} ({at_default['mia_auc_max_user']}); an attack "
-             f"that learns nothing, at these sizes, has its mean above 0.55 {np.mean(means > 0.55):.0%} and its max "
-             f"above 0.65 {np.mean(maxes > 0.65):.0%} of the time")
+        goal(text, all(at_default[f"{p}_auc"]["mean"] <= 0.55 and at_default[f"{p}_auc_max"] <= 0.65
+                       for p in MIA.values()),
+             "; ".join(f"loss {name}: mean {_ci(at_default[f'{p}_auc'])}, max {at_default[f'{p}_auc_max']:.3f} "
+                       f"({at_default[f'{p}_auc_max_user']})" for name, p in MIA.items())
+             + f"; an attack that learns nothing, at these sizes, has its mean above 0.55 {np.mean(means > 0.55):.0%} "
+               f"and its max above 0.65 {np.mean(maxes > 0.65):.0%} of the time")
     dp = [e for e in s.epsilons if e != NO_DP and epsilon_value(e) <= 8]
-    text = "with DP-SGD at ε ≤ 8 (default share ratio): MIA mean per-sharer AUC ≤ 0.52, and Per-Pcs keeps ≥ 80% of " \
-           "its non-DP perplexity gain over the seed"
+    text = "with DP-SGD at ε ≤ 8 (default share ratio): MIA mean per-sharer AUC ≤ 0.52 (both attacks), and Per-Pcs " \
+           "keeps ≥ 80% of its non-DP perplexity gain over the seed"
     measured = [e for e in dp if (e, default[1]) in summaries and at_default is not None]
     if not measured:
         goal(text, None, "not measured: run --epsilons with a value ≤ 8 and --share-ratios with "
                          f"{default[1]:g}")
     for e in measured:
-        m = summaries[(e, default[1])]["mia_auc"]
+        at = summaries[(e, default[1])]
         kept = compare(figures[(e, default[1])], figures[default])["gain_kept"]
-        means, _ = chance_aucs(s.history, s.test, summaries[(e, default[1])]["users"])
-        goal(f"{text} [ε = {e}]", m["mean"] <= 0.52 and kept["ratio"] >= 0.8,
-             f"mean AUC {_ci(m)} (an attack that learns nothing has its mean above 0.52 {np.mean(means > 0.52):.0%} "
-             f"of the time); gain kept {_pct(kept['ratio'])} [{_pct(kept['low'])}, {_pct(kept['high'])}]")
+        means, _ = chance_aucs(s.history, s.test, at["users"])
+        goal(f"{text} [ε = {e}]", all(at[f"{p}_auc"]["mean"] <= 0.52 for p in MIA.values()) and kept["ratio"] >= 0.8,
+             "; ".join(f"loss {name}: mean AUC {_ci(at[f'{p}_auc'])}" for name, p in MIA.items())
+             + f" (an attack that learns nothing has its mean above 0.52 {np.mean(means > 0.52):.0%} of the time); "
+               f"gain kept {_pct(kept['ratio'])} [{_pct(kept['low'])}, {_pct(kept['high'])}]")
     return goals
 
 
@@ -189,6 +198,7 @@ def _setting(key: tuple) -> str:
 def _markdown(report: dict) -> str:
     s, summaries = report["settings"], report["summaries"]
     head = ["ε (DP-SGD)", "share ratio (cap)", "sent", "MIA AUC [95% CI]", "max (sharer)",
+            f"TPR @ {LOW_FPR:.0%} FPR pooled", "MIA ratio AUC [95% CI]", "max (sharer)",
             f"TPR @ {LOW_FPR:.0%} FPR pooled", "gate σ(g·x) AUC", "gate score AUC", "extraction gap", "extraction AUC",
             "Per-Pcs ppl", "gain over seed [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -198,6 +208,8 @@ def _markdown(report: dict) -> str:
         lines.append("| " + " | ".join([
             item["epsilon"], f"{item['share_ratio']:g}", f"{v['sent']:.0%}", _ci(v["mia_auc"]),
             f"{v['mia_auc_max']:.3f} ({v['mia_auc_max_user']})", f"{v['mia_pooled_tpr']:.3f}",
+            _ci(v["mia_ratio_auc"]), f"{v['mia_ratio_auc_max']:.3f} ({v['mia_ratio_auc_max_user']})",
+            f"{v['mia_ratio_pooled_tpr']:.3f}",
             _ci(v["gate_activation_auc"]), _ci(v["gate_score_auc"]), *extraction, f"{v['perpcs_perplexity']:.3f}",
             _ci(v["gain"])]) + " |")
     first = summaries[0]["summary"] if summaries else None
@@ -228,24 +240,23 @@ def _markdown(report: dict) -> str:
                       "prompt scores there, and says nothing of membership."]
     if report["comparisons"]:
         parts += ["", "## paired comparisons (same sharers)", "",
-                  "| setting | against | MIA AUC difference [95% CI] | p | Per-Pcs ppl difference | p | "
-                  "Per-Pcs gain kept [95% CI] |", "|---|---|---|---|---|---|---|"]
+                  "| setting | against | MIA AUC difference [95% CI] | p | MIA ratio AUC difference | p | "
+                  "Per-Pcs ppl difference | p | Per-Pcs gain kept [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
-            a, d, g = c["mia_auc"], c["perplexity"], c["gain_kept"]
+            a, r, d, g = c["mia_auc"], c["mia_ratio_auc"], c["perplexity"], c["gain_kept"]
             parts.append(f"| {c['setting']} | {c['against']} | {a['mean']:+.3f} [{a['low']:+.3f}, {a['high']:+.3f}] | "
-                         f"{_p(a['p'])} | {d['mean']:+.3f} | {_p(d['p'])} | {_pct(g['ratio'])} "
-                         f"[{_pct(g['low'])}, {_pct(g['high'])}] |")
+                         f"{_p(a['p'])} | {r['mean']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {_p(r['p'])} | "
+                         f"{d['mean']:+.3f} | {_p(d['p'])} | {_pct(g['ratio'])} [{_pct(g['low'])}, {_pct(g['high'])}] |")
     parts += ["", "## targets", ""]
     for t in report["targets"]:
         mark = "not measured" if t["met"] is None else ("**met**" if t["met"] else "**not met**")
         parts.append(f"- {mark}: {t['target']} ({t['evidence']})")
     if report["per_sharer"]:
         keys = [item["key"] for item in summaries]
-        parts += ["", "## MIA AUC per sharer", "", "| sharer | " + " | ".join(_setting(k) for k in keys) + " |",
-                  "|" + "---|" * (len(keys) + 1)]
+        parts += ["", "## MIA AUC per sharer (loss drop / loss ratio)", "",
+                  "| sharer | " + " | ".join(_setting(k) for k in keys) + " |", "|" + "---|" * (len(keys) + 1)]
         for user in report["users"]:
-            cells = [f"{report['per_sharer'][_name(k)][user]['mia_auc']:.3f}"
-                     if user in report["per_sharer"][_name(k)] else "–" for k in keys]
+            cells = [_per_sharer_cell(report["per_sharer"][_name(k)].get(user)) for k in keys]
             parts.append(f"| {user} | " + " | ".join(cells) + " |")
     if report["profile"]:
         parts += ["", "## profile attack", "",
@@ -268,7 +279,9 @@ def _markdown(report: dict) -> str:
 NOTES = ("Per setting, means over the sharers with bootstrap 95% intervals over sharers. *MIA*: membership "
          "inference, score = the record's answer loss under the seed minus under the seed with the sharer's shared "
          "pieces; AUC per sharer (members positive); TPR at 1% FPR pooled over all sharers' records (per sharer, "
-         "with {test} non-members, it can only be read at 0 false positives). *Gate*: the shared gates' mean "
+         "with {test} non-members, it can only be read at 0 false positives). *MIA ratio*: the stronger attack "
+         "that scores the log of those two losses' ratio instead, the loss drop relative to the record's difficulty "
+         "on the seed. *Gate*: the shared gates' mean "
          "σ(g·x), or the newcomer's score LN(x)·LN(g)/√d, over the shared positions and the answer-predicting "
          "tokens of the record on the bare seed. *Extraction gap*: the share of a greedy generation's word "
          "n-grams, prompted with the record's input under the shared pieces, found in the record's answer but not "
@@ -286,6 +299,10 @@ def _dp_lines(sharers: dict[str, dict]) -> list[str]:
             lines += ["", f"DP-SGD at piece-epsilon {label}: the accountant's ε per share {min(spent):.2f}–"
                           f"{max(spent):.2f} over {len(spent)} sharers (LoRA and gates together)."]
     return lines
+
+
+def _per_sharer_cell(figures: dict | None) -> str:
+    return "–" if figures is None else f"{figures['mia_auc']:.3f} / {figures['mia_ratio_auc']:.3f}"
 
 
 def _name(key: tuple) -> str:
