@@ -5,10 +5,11 @@ records. The attacker holds what a sharer releases and the public seed, as the c
 do (README, "Threat model"):
 
     membership inference  loss_seed(r) - loss_pieces(r): how much the shared pieces, applied as a LoRA at their
-                          positions, lower the mean loss of record r's answer tokens (the issue's score); and
-                          log(loss_seed(r) / loss_pieces(r)), the drop relative to how hard the seed finds r: the
-                          reference-model ratio of Carlini et al. (2021), a stronger attack where records differ in
-                          difficulty (a hard record's loss drops more in absolute terms, member or not)
+                          positions, lower the mean loss of record r's answer tokens (the score the targets were
+                          set on); and log(loss_seed(r) / loss_pieces(r)), the drop relative to how hard the seed
+                          finds r: the reference-model ratio of Carlini et al. (2021), a stronger attack where
+                          records differ in difficulty (a hard record's loss drops more in absolute terms, member or
+                          not)
     extraction            the share of the word n-grams of a greedy generation under the pieces, prompted with r's
                           input, that occur in r's answer but not in its prompt (copying the prompt proves nothing)
     gate                  the shared gates on r's hidden states, on the bare seed: the mean over the shared
