@@ -132,7 +132,7 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
     """Phase 2: sequential top-k assembly over the given pieces, averaged over history batches."""
     if not pieces:
         raise ValueError("no pieces to assemble from: the pool is empty for this seed")
-    rank = _common_rank(pieces)
+    rank = common_rank(pieces)
     grouped: dict[str, list[Piece]] = defaultdict(list)
     for p in pieces:
         if p.rank == rank:
@@ -157,8 +157,7 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
                 piece_weights[pos][top] += w
                 xa = torch.einsum("btd,nrd->btnr", x, cand.A[top].to(x.dtype))
                 return out + torch.einsum("btnr,nor,n->bto", xa, cand.B[top].to(x.dtype), w.to(x.dtype))
-            A = torch.einsum("n,nrd->rd", w, cand.A[top])
-            B = torch.einsum("n,nor->or", w, cand.B[top])
+            A, B = mixed_factors(cand.A[top], cand.B[top], w, "ab")
             sums[pos][0] = sums[pos][0] + A
             sums[pos][1] = sums[pos][1] + B
             return out + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
@@ -189,12 +188,22 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
     return result
 
 
+def mixed_factors(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor, mix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A', B') of pieces (A_j, B_j), scaling in B, mixed with weights w (any sign), as `mix` says:
+    "dw": B'A' = sum_j w_j B_j A_j exactly, A' the stacked A_j of the pieces with nonzero weight (rank m r);
+    "ab": A' = sum_j w_j A_j, B' = sum_j w_j B_j (rank r, with the cross terms B_i A_j; LoraHub's composition)."""
+    if mix == "ab":
+        return torch.einsum("n,nrd->rd", w, A), torch.einsum("n,nor->or", w, B)
+    used = torch.nonzero(w).flatten()
+    if not len(used):  # all weights zero: a zero update of rank r
+        used = torch.zeros(1, dtype=torch.long, device=w.device)
+    return A[used].reshape(-1, A.shape[-1]), torch.cat([w[j] * B[j] for j in used.tolist()], dim=1)
+
+
 def _low_rank(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """sum_j w_j B_j A_j as factors (A', B') of `rank`: exact when at most rank / r pieces carry weight, else
     its best rank-`rank` approximation (SVD). The factors share the singular values evenly."""
-    used = torch.nonzero(w > 0).flatten()
-    A_cat = A[used].reshape(-1, A.shape[-1])  # (m r, d_in)
-    B_cat = torch.cat([w[j] * B[j] for j in used.tolist()], dim=1)  # (d_out, m r)
+    A_cat, B_cat = mixed_factors(A, B, w, "dw")  # (m r, d_in), (d_out, m r)
     Qb, Rb = torch.linalg.qr(B_cat.double())
     Qa, Ra = torch.linalg.qr(A_cat.T.double())
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
@@ -207,7 +216,7 @@ def _low_rank(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor, rank: int) -> t
     return A_new.float().cpu().numpy(), B_new.float().cpu().numpy()
 
 
-def _common_rank(pieces: list[Piece]) -> int:
+def common_rank(pieces: list[Piece]) -> int:
     """A and B mix only at equal rank: use the rank most pieces have."""
     counts: dict[int, int] = defaultdict(int)
     for p in pieces:
@@ -218,7 +227,7 @@ def _common_rank(pieces: list[Piece]) -> int:
 def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed: int) -> Assembly:
     """The random-pieces baseline: the same mixing with random scores instead of gate scores."""
     rng = np.random.default_rng(rng_seed)
-    rank = _common_rank(pieces)
+    rank = common_rank(pieces)
     grouped: dict[str, list[Piece]] = defaultdict(list)
     for p in pieces:
         if p.rank == rank:

@@ -53,6 +53,14 @@ def encode(tokenizer, rec: PersonalRecord, max_len: int) -> Example:
     return Example(prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
+def encode_after(tokenizer, rec: PersonalRecord, user_text: str, max_len: int) -> Example:
+    """The answer tokens encode() scores for `rec`, after another user message (`user_text`, e.g. the question
+    with retrieved examples before it), uncut: the same tokens count, so perplexities compare with encode's."""
+    answer = [t for t in encode(tokenizer, rec, max_len).labels if t != IGNORE]
+    prompt = prompt_ids(tokenizer, user_text)
+    return Example(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
 def encode_all(tokenizer, records: Sequence[PersonalRecord], max_len: int) -> list[Example]:
     return [encode(tokenizer, r, max_len) for r in records]
 

@@ -4,11 +4,12 @@ generations. Runs on the device; only the numbers leave it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
 
-from participants.chat_data import batches, encode_all, next_token_loss, prompt_ids
+from participants.chat_data import batches, encode_after, encode_all, next_token_loss, prompt_ids
 from participants.lora_hooks import LoraBranch, attached
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
@@ -20,10 +21,12 @@ def _with(seed: LoadedSeed, adapter: dict[str, LoraBranch] | None):
 
 @torch.no_grad()
 def perplexity(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[str, LoraBranch] | None = None,
-               *, max_len: int, batch_size: int = 8) -> float:
-    """exp of the mean next-token loss over all answer tokens of the records."""
+               *, max_len: int, batch_size: int = 8, prompts: Sequence[str] | None = None) -> float:
+    """exp of the mean next-token loss over all answer tokens of the records. `prompts`: each record's user
+    message in place of its input (e.g. with examples before it); the same answer tokens are scored."""
     total, count = 0.0, 0
-    examples = encode_all(seed.tokenizer, records, max_len)
+    examples = (encode_all(seed.tokenizer, records, max_len) if prompts is None else
+                [encode_after(seed.tokenizer, r, p, max_len) for r, p in zip(records, prompts, strict=True)])
     with _with(seed, adapter):
         for batch in batches(examples, batch_size, seed.tokenizer.pad_token_id, seed.device):
             logits = seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -36,13 +39,15 @@ def perplexity(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[st
 
 @torch.no_grad()
 def generate(seed: LoadedSeed, records: list[PersonalRecord], adapter: dict[str, LoraBranch] | None = None,
-             *, max_new_tokens: int, batch_size: int = 8, max_prompt: int = 256) -> list[str]:
-    """Greedy answers to the records' inputs (left-padded batches)."""
+             *, max_new_tokens: int, batch_size: int = 8, max_prompt: int = 256,
+             prompts: Sequence[str] | None = None) -> list[str]:
+    """Greedy answers to the records' inputs, or to `prompts` in their place (left-padded batches)."""
     tok, outs = seed.tokenizer, []
-    prompts = [prompt_ids(tok, r.input)[-max_prompt:] for r in records]
+    texts = [r.input for r in records] if prompts is None else list(prompts)
+    encoded = [prompt_ids(tok, text)[-max_prompt:] for text in texts]
     with _with(seed, adapter):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)

@@ -81,6 +81,18 @@ def test_costs_follow_what_each_method_does(bench):
     assert means["perpcs+zo"]["tokens_forward"] > means["perpcs"]["tokens_forward"]
     assert means["perpcs+zo"]["tokens_backward"] == 0
     assert means["perpcs"]["bytes_stored"] < means["perpcs"]["bytes_adapter"] == means["oppu"]["bytes_adapter"]
+    # lorahub: forward passes only, one over the history per candidate after the uniform start
+    assert means["lorahub"]["tokens_backward"] == 0 < means["lorahub"]["tokens_forward"]
+    rows = method_rows(report)
+    for r in (r for r in rows if r["method"] == "lorahub"):
+        assert r["detail"]["evaluations"] == bench[1].lorahub_steps + 1
+        assert r["detail"]["loss"] <= r["detail"]["uniform_loss"]
+    # rag: no adaptation; perpcs+rag: perpcs's own cost; the prompts change what both score
+    assert means["rag"]["tokens_forward"] == means["rag"]["tokens_backward"] == means["rag"]["bytes_adapter"] == 0
+    for k in ("tokens_forward", "bytes_stored", "bytes_adapter", "bytes_downloaded"):
+        assert means["perpcs+rag"][k] == means["perpcs"][k]
+    assert means["rag"]["perplexity"] != means["seed"]["perplexity"]
+    assert means["perpcs+rag"]["perplexity"] != means["perpcs"]["perplexity"]
     assert report["gain_recovery"]["seed"] == 0 and report["cost_ratios"]["oppu"]["tokens"] == 1
 
 
@@ -330,3 +342,16 @@ def test_rotating_folds_make_every_user_a_target_with_the_others_as_sharers(tmp_
     assert "## oracle" in md
     with pytest.raises(ValueError, match="must be below --targets"):
         replace(settings, sharers=4)
+
+    # methods added on resume: the rows there are kept, the new ones reuse the pool and the saved perpcs adapters
+    before = (tmp_path / "out" / "results.jsonl").read_text()
+    more = replace(settings, methods=settings.methods + ("lorahub", "rag", "perpcs+rag"))
+    report = run_bench(more, tmp_path / "out")
+    assert (tmp_path / "out" / "results.jsonl").read_text().startswith(before)
+    rows = method_rows(report)
+    assert len(rows) == 4 * 8 and {"lorahub", "rag", "perpcs+rag"} <= set(report["paired"])
+    for i, t in enumerate(users):
+        mine = {r["method"]: r for r in rows if r["target"] == t}
+        fold = {users[(i + j) % 4] for j in (1, 2)}
+        assert set(mine["lorahub"]["detail"]["sharer_weights"]) == fold  # never its own adapter
+        assert mine["perpcs+rag"]["tokens_forward"] == mine["perpcs"]["tokens_forward"]

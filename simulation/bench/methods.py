@@ -4,8 +4,11 @@
     oppu        the target's own private LoRA, trained from scratch
     oppu-tuned  the same with its learning rate and steps chosen on a held-out quarter of the history
     retrieval   the whole adapter of the sharer whose profile is nearest the target's
+    rag         the bare seed, each test input after the target's k nearest history items (retrieval in the prompt)
     random      random pieces of the pool, randomly weighted
+    lorahub     one weight per sharer adapter of the pool, searched gradient-free on the history (LoraHub)
     perpcs      the newcomer pipeline a device runs (participants.newcomer): gates, shortlist, assembly
+    perpcs+rag  the perpcs adapter with rag's prompts
     perpcs+ft   a short fine-tune from the perpcs adapter
     perpcs+zo   the same fine-tune by the zeroth-order trainer: a newcomer's device never runs a backward pass
 """
@@ -25,6 +28,7 @@ from participants.adapters import branches, load_peft_adapter, save_peft_adapter
 from participants.assembly import random_assembly
 from participants.cutting import choose_share
 from participants.evaluation import generate, perplexity, rouge
+from participants.history_prompt import history_prompts
 from participants.lora_training import train_private_lora
 from participants.newcomer import Newcomer, assemble_from_pool
 from participants.profile import unit_profile
@@ -33,6 +37,8 @@ from participants.settings import assembly_settings, lora_settings
 from protocols.pieces import Piece
 from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
+from simulation.bench.gate_check import pieces_by_sharer
+from simulation.bench.lorahub import lorahub
 from simulation.bench.oppu_tuning import tune_private_lora
 from simulation.bench.settings import BenchSettings
 from simulation.bench.sharers import share_seed
@@ -59,6 +65,7 @@ class Outcome:
     bytes_adapter: int = 0  # the A, B bytes of the adapter it runs with
     bytes_downloaded: int = 0
     detail: dict = field(default_factory=dict)
+    prompts: list[str] | None = None  # each test record's user message, where the method writes its own (rag)
 
     def costs(self) -> dict:
         return {k: getattr(self, k) for k in ("seconds", "tokens_forward", "tokens_backward", "bytes_stored",
@@ -157,22 +164,64 @@ def _random(b: Bench, target: UserData, index: int) -> Outcome:
                    bytes_downloaded=sum(p.A.nbytes + p.B.nbytes for p in drawn))
 
 
+def _lorahub(b: Bench, target: UserData, index: int) -> Outcome:
+    """LoraHub over the sharers' shared adapters: every candidate weighting is a forward pass over the history."""
+    adapters = pieces_by_sharer(b.pool_pieces, b.sharer_pieces)
+    found = lorahub(b.seed, target.history, adapters, mix=b.s.mix, budget=b.s.lorahub_steps, max_len=b.s.max_len,
+                    rng_seed=b.s.rng_seed + index, desc=f"{target.user}: lorahub")
+    # the user keeps one weight per sharer and downloads every shared adapter
+    return Outcome(branches(found.weights, 1.0, b.seed.device), found.seconds, tokens_forward=found.tokens,
+                   bytes_stored=len(json.dumps(found.sharer_weights)), bytes_adapter=ab_bytes(found.weights),
+                   bytes_downloaded=sum(p.A.nbytes + p.B.nbytes for ps in adapters.values() for p in ps),
+                   detail={"sharer_weights": found.sharer_weights, "uniform_loss": found.uniform_loss,
+                           "loss": found.loss, "evaluations": len(found.losses)})
+
+
+def _rag_prompts(b: Bench, target: UserData) -> tuple[list[str], float, dict]:
+    """Each test input after its k nearest history items (each cut to max-len tokens): the prompts, the seconds
+    spent retrieving, and how many prompt tokens they add per test item (paid at every inference)."""
+    start = time.perf_counter()
+    prompts = history_prompts(target.history, target.test, b.s.rag_k, b.seed.tokenizer, b.s.max_len)
+    seconds = time.perf_counter() - start
+    tok = b.seed.tokenizer
+    added = np.mean([len(tok(p)["input_ids"]) - len(tok(r.input)["input_ids"]) for p, r in zip(prompts, target.test)])
+    return prompts, seconds, {"k": min(b.s.rag_k, len(target.history)), "prompt_tokens_added": float(added)}
+
+
+def _rag(b: Bench, target: UserData, index: int) -> Outcome:
+    prompts, seconds, detail = _rag_prompts(b, target)
+    return Outcome(None, seconds, detail=detail, prompts=prompts)
+
+
 def _perpcs(b: Bench, target: UserData, index: int) -> Outcome:
     folder = b.adapter_dir(target.user, "perpcs")
     outcome, _ = perpcs(b.seed, target.history, b.pool_pieces, b.s, folder)
-    # what perpcs+ft adds its own cost to
+    # what perpcs+ft and perpcs+rag add their own cost to
     meta = json.loads((folder / "bouquet.json").read_text()) | {"cost": outcome.costs()}
     (folder / "bouquet.json").write_text(json.dumps(meta, indent=1))
     return outcome
 
 
-def _fine_tune(b: Bench, target: UserData, index: int, trainer: str, method: str) -> Outcome:
-    """Fine-tune from the Per-Pcs adapter (saved by the perpcs method); its cost adds to Per-Pcs's."""
+def _saved_perpcs(b: Bench, target: UserData, index: int) -> tuple[Weights, int, dict]:
+    """The Per-Pcs adapter the perpcs method saved (made now when missing), its rank, and what it cost."""
     folder = b.adapter_dir(target.user, "perpcs")
     if not (folder / "bouquet.json").exists() or "cost" not in json.loads((folder / "bouquet.json").read_text()):
         _perpcs(b, target, index)
     weights, rank, _ = load_peft_adapter(folder)
-    before = json.loads((folder / "bouquet.json").read_text())["cost"]
+    return weights, rank, json.loads((folder / "bouquet.json").read_text())["cost"]
+
+
+def _perpcs_rag(b: Bench, target: UserData, index: int) -> Outcome:
+    """The saved Per-Pcs adapter, answering rag's prompts; the cost is both of theirs."""
+    weights, _, before = _saved_perpcs(b, target, index)
+    prompts, seconds, detail = _rag_prompts(b, target)
+    return Outcome(branches(weights, 1.0, b.seed.device), before["seconds"] + seconds, before["tokens_forward"],
+                   0, before["bytes_stored"], before["bytes_adapter"], before["bytes_downloaded"], detail, prompts)
+
+
+def _fine_tune(b: Bench, target: UserData, index: int, trainer: str, method: str) -> Outcome:
+    """Fine-tune from the Per-Pcs adapter (saved by the perpcs method); its cost adds to Per-Pcs's."""
+    weights, rank, before = _saved_perpcs(b, target, index)
     settings = lora_settings(b.s, rank=rank, alpha=float(rank), steps=b.s.ft_steps,  # scaling is in B
                              trainer=trainer)
     start = time.perf_counter()
@@ -197,15 +246,18 @@ def _perpcs_zo(b: Bench, target: UserData, index: int) -> Outcome:
 
 
 RUNNERS: dict[str, Callable[[Bench, UserData, int], Outcome]] = {
-    "seed": _seed_method, "oppu": _oppu, "oppu-tuned": _oppu_tuned, "retrieval": _retrieval, "random": _random,
-    "perpcs": _perpcs, "perpcs+ft": _perpcs_ft, "perpcs+zo": _perpcs_zo}
+    "seed": _seed_method, "oppu": _oppu, "oppu-tuned": _oppu_tuned, "retrieval": _retrieval, "rag": _rag,
+    "random": _random, "lorahub": _lorahub, "perpcs": _perpcs, "perpcs+rag": _perpcs_rag, "perpcs+ft": _perpcs_ft,
+    "perpcs+zo": _perpcs_zo}
 
 
-def quality(b: Bench, target: UserData, adapter: dict | None, judge: FidelityJudge) -> dict:
-    """Held-out perplexity, ROUGE of greedy generations, and style fidelity of those generations."""
-    ppl = perplexity(b.seed, target.test, adapter, max_len=b.s.max_len)
+def quality(b: Bench, target: UserData, adapter: dict | None, judge: FidelityJudge,
+            prompts: list[str] | None = None) -> dict:
+    """Held-out perplexity, ROUGE of greedy generations, and style fidelity of those generations; `prompts` (rag):
+    the user messages in place of the test inputs, the same answer tokens scored."""
+    ppl = perplexity(b.seed, target.test, adapter, max_len=b.s.max_len, prompts=prompts)
     if not b.s.generate:  # --no-generate: perplexity only, the cheap bench
         return {"perplexity": ppl, "rouge1": math.nan, "rougeL": math.nan, "fidelity": math.nan, "generations": []}
-    generations = generate(b.seed, target.test, adapter, max_new_tokens=b.s.max_new_tokens)
+    generations = generate(b.seed, target.test, adapter, max_new_tokens=b.s.max_new_tokens, prompts=prompts)
     return {"perplexity": ppl, **rouge(generations, [r.output for r in target.test]),
             "fidelity": judge.fidelity(target.user, generations), "generations": generations}

@@ -15,7 +15,8 @@ from simulation.bench.paired import comparisons, per_target
 from simulation.bench.plots import write_plots
 from simulation.bench.settings import METHODS, BenchSettings
 
-PAIRED_WITH = ("random", "retrieval", "oppu", "oppu-tuned", "seed")  # what perpcs is compared with, target by target
+# what perpcs is compared with, target by target
+PAIRED_WITH = ("random", "retrieval", "lorahub", "rag", "perpcs+rag", "oppu", "oppu-tuned", "seed")
 METRICS = ("perplexity", "rouge1", "rougeL", "fidelity", "seconds", "tokens_forward", "tokens_backward",
            "bytes_stored", "bytes_adapter", "bytes_downloaded")
 
@@ -191,9 +192,13 @@ def markdown_table(report: dict) -> str:
 
 
 NOTES = ("Means over the targets. Cost counts the method's own work, not the evaluation: compute = tokens "
-         "forward + tokens backward of the LLM (retrieval's MiniLM embedding is not counted in tokens, only in "
-         "seconds); perpcs+ft and perpcs+zo include perpcs's cost (perpcs+zo runs no backward pass). *Stored* is what the user keeps: perpcs keeps piece "
-         "references (its choices as JSON), retrieval a piece-id list, the others their adapter; *adapter* is "
+         "forward + tokens backward of the LLM (the MiniLM embeddings of retrieval and rag are not counted in "
+         "tokens, only in seconds); perpcs+ft, perpcs+zo and perpcs+rag include perpcs's cost (perpcs+zo runs no backward pass); "
+         "lorahub's is its forward passes, one over the history per candidate weighting. rag and perpcs+rag "
+         "score the same answer tokens as the others, after a prompt that holds the target's nearest history "
+         "items: that longer prompt is paid at every inference and is not in compute. *Stored* is what the user "
+         "keeps: perpcs keeps piece references (its choices as JSON), lorahub one weight per sharer, retrieval a "
+         "piece-id list, the others their adapter; *adapter* is "
          "the A, B bytes of the adapter each runs with. Fidelity: share of greedy generations a MiniLM + "
          "logistic-regression classifier (balanced classes), trained on history answers only and those clipped "
          "to the generation budget, assigns to the target's label.")

@@ -75,7 +75,7 @@ def _run_targets(b: Bench, targets: list[tuple[int, UserData]], results: Results
             if ("method", target.user, method) not in results.done:
                 outcome = runners[method](b, target, index)
                 results.append({"kind": "method", "target": target.user, "method": method, "seed": b.label}
-                               | outcome.costs() | quality(b, target, outcome.adapter, judge)
+                               | outcome.costs() | quality(b, target, outcome.adapter, judge, outcome.prompts)
                                | {"detail": outcome.detail, "judge": judge.version})
             bar.update(target=target.user, method=method)
 

@@ -17,7 +17,8 @@ from participants.privacy_policy import PrivacyPolicy
 from protocols.settings import ParticipantSettings, check, same_as, setting
 from simulation.settings import UserSettings, is_styleqa
 
-METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "random", "perpcs", "perpcs+ft", "perpcs+zo")
+METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "rag", "random", "lorahub", "perpcs", "perpcs+rag", "perpcs+ft",
+           "perpcs+zo")
 FOLD_METHODS = ("seed", "oppu", "retrieval", "random", "perpcs")  # the medium preset leaves out perpcs+ft
 SWEEPS = ("share-ratio", "top-k", "sharers", "history")  # named by the setting each changes
 # Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
@@ -52,6 +53,10 @@ class BenchSettings(ParticipantSettings, UserSettings):
                                      low_open=True)
     ft_steps: int | None = setting(None, "fine-tune steps of perpcs+ft (default: lora-steps // 4); perpcs+zo takes "
                                          "zo-step-factor times as many zeroth-order steps", low=1)
+    lorahub_steps: int = setting(40, "lorahub's candidate weightings after its uniform start (nevergrad NGOpt), each "
+                                     "a forward pass over the history (LoraHub's default: 40)", low=1)
+    rag_k: int = setting(4, "history items rag and perpcs+rag write into the prompt before each test input: the "
+                            "nearest to it by MiniLM embedding (LaMP's retrieval-augmented baselines)", low=1)
     sweep: tuple[str, ...] = setting((), f"comma-separated subset of {','.join(SWEEPS)}: perpcs perplexity as "
                                          f"each changes")
     rotate: bool = setting(False, "rotating folds: each of the --targets users is a target once, its pool made by "
