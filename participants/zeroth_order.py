@@ -40,6 +40,7 @@ class ZerothOrderSettings:
     gate_lr: float = ParticipantSettings.zo_gate_lr
     perturbations: int = ParticipantSettings.zo_perturbations
     schedule: str = ParticipantSettings.zo_schedule
+    factors: str = ParticipantSettings.zo_factors
     step_factor: int = ParticipantSettings.zo_step_factor
 
 
@@ -184,7 +185,7 @@ def train_lora_zeroth_order(seed: LoadedSeed, records: list[PersonalRecord], set
                    for pos, (A, B) in sorted(init.items())}
     scaling = settings.alpha / settings.rank
     branches = {pos: LoraBranch(A, B, scaling) for pos, (A, B) in tensors.items()}
-    params = [t for pair in tensors.values() for t in pair]
+    params = [t for A, B in tensors.values() for t in ((A, B) if zo.factors == "AB" else (B,))]
     examples = encode_all(seed.tokenizer, records, settings.max_len)
     data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, dev, settings.seed)
     with attached(seed.model, branches):
