@@ -14,11 +14,12 @@ from participants.lora_training import LoraSettings, train_private_lora
 from participants.precision import Bf16Hardware, resolve_precision
 from participants.seed_loading import LoadedSeed
 from participants.trainer_choice import MIB, MemoryEstimate, choose_trainer, estimate_memory
-from participants.zeroth_order import Directions, ZerothOrderSettings, spsa_steps
+from participants.zeroth_order import Directions, ZerothOrderSettings, fresh_lora, lora_positions, spsa_steps
 from protocols.settings import ParticipantSettings
 
 ZO = LoraSettings(rank=4, alpha=8, steps=25, lr=5e-3, batch_size=4, max_len=64, trainer="zeroth-order",
-                  zeroth_order=ZerothOrderSettings(eps=1e-2, lr=2e-2, gate_lr=1e-1, step_factor=4))
+                  zeroth_order=ZerothOrderSettings(eps=1e-2, lr=2e-2, gate_lr=1e-1, perturbations=1,
+                                                     step_factor=4))
 AMX = Bf16Hardware(fast=True, native=True, what="CPU with AMX bf16")
 AVX512 = Bf16Hardware(fast=False, native=True, what="CPU with AVX-512 bf16, no AMX")
 NONE = Bf16Hardware(fast=False, native=False, what="CPU without bf16 arithmetic")
@@ -68,6 +69,21 @@ def test_zeroth_order_lora_learns_and_leaves_the_seed_bare(tiny_seed, make_recor
     assert not tiny_seed.model._forward_hooks and not any(m._forward_hooks for m in tiny_seed.model.modules())
 
 
+def test_zeroth_order_on_b_alone_keeps_a_as_it_started(tiny_seed, make_records):
+    recs = make_records("u", "ZAP", 8)
+    both = replace(ZO, steps=2, zeroth_order=replace(ZO.zeroth_order, factors="AB"))
+    torch.manual_seed(both.seed)  # as the trainer does before drawing A
+    start = fresh_lora(tiny_seed.model, lora_positions(tiny_seed.model, both.targets), both.rank, tiny_seed.device)
+    moved_ab, _ = train_private_lora(tiny_seed, recs, both)
+    moved_b, report = train_private_lora(tiny_seed, recs, replace(both, zeroth_order=replace(both.zeroth_order,
+                                                                                              factors="B")))
+    assert sorted(moved_b) == sorted(start) and report.forward_passes == 2 * 2 * 4 and not report.stopped
+    for pos, (A, _) in start.items():
+        np.testing.assert_array_equal(moved_b[pos][0], A.numpy())  # A untouched, to the bit
+        assert np.abs(moved_b[pos][1]).max() > 0  # B has left zero
+        assert not np.allclose(moved_ab[pos][0], A.numpy(), atol=1e-6)  # with AB, A moves too
+
+
 def test_perturbations_are_regenerated_from_the_seed_and_restore_in_place():
     params = [torch.randn(3, 5), torch.randn(7)]
     start = [p.clone() for p in params]
@@ -103,7 +119,8 @@ class _NaNAfter:
 
 def test_a_nan_loss_stops_keeping_the_last_good_adapter(tiny_seed, make_records):
     recs = make_records("u", "ZAP", 8)
-    short = replace(ZO, steps=1, zeroth_order=replace(ZO.zeroth_order, step_factor=3))
+    # a constant rate, so that the first three steps of a longer run are these three
+    short = replace(ZO, steps=1, zeroth_order=replace(ZO.zeroth_order, step_factor=3, schedule="constant"))
     good, _ = train_private_lora(tiny_seed, recs, short)  # three clean steps
     handle = tiny_seed.model.model.norm.register_forward_hook(_NaNAfter(2 * 4 + 1))  # NaN inside step 5
     try:
@@ -219,6 +236,7 @@ def test_the_trainers_bench_compares_both_trainers_on_the_same_users(tmp_path):
         last = v["adamw"][-1]
         assert last["perplexity"] == pytest.approx(last["perplexity_saved"], rel=1e-4)  # in place = as returned
         assert all(a["seconds"] < b["seconds"] for a, b in zip(v["zeroth_order"], v["zeroth_order"][1:]))
+        assert v["zo_time_ratio"] == pytest.approx(v["zeroth_order"][-1]["seconds"] / last["seconds"])
     assert report["throughput"]["trainer_passes_per_s"] > 0
     assert (tmp_path / "out" / "heldout_vs_seconds.png").is_file() and "## held-out perplexity" in markdown(report)
 
