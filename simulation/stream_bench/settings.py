@@ -16,9 +16,9 @@ BUFFER_TRAINING = ("reference-steps", "lora-steps")
 # running, a forward pass of one prompt about 0.15 s, sampling about 10 tokens/s per sequence).
 # "small" is a smoke test of the whole pipeline (about 20 minutes for 16 users): its buffers' adapters train 3 steps
 # (lora-steps) against the reference's 20, so its gain recovered is not a measurement.
-# "medium" is the first measurement (35 minutes for 16 users, beside two other jobs): B = 10% of a 40-item stream, every adapter
-# trains the reference's 20 steps (one pass over the stream), 8 held-out items per user; without synthesis, which
-# would double the adapters to train.
+# "medium" is the first measurement (35 minutes for 16 users, beside two other jobs): B = 10% of a 40-item stream,
+# every adapter trains the reference's 20 steps (one pass over the stream), 8 held-out items per user; without
+# synthesis, which would double the adapters to train.
 # "full" holds the issue's sizes (hours; for a GPU).
 PRESETS: dict[str, dict] = {
     "small": {"users": 16, "stream": 40, "test": 3, "buffer_sizes": (4,), "rules": ("sdss", "fifo", "random"),
