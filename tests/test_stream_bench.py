@@ -37,7 +37,9 @@ def test_the_stream_bench_runs_every_rule_and_resumes(tmp_path, styleqa_found, t
     assert all(r["annotated"] <= r["buffer"] and max(r["annotated_positions"]) <= 12 for r in buffers)
     full = [r for r in rows if r.get("method") == "full"]
     assert all(r["train_records"] == 12 and r["steps"] == 6 for r in full)  # one pass over the stream, batch 2
-    assert all(r["steps"] == 1 for r in rows if r.get("method", "seed") not in ("seed", "full"))
+    # a buffer's adapter trains as many steps as the reference (buffer-training reference-steps, the default)
+    assert all(r["steps"] == 6 for r in rows if r.get("method", "seed") not in ("seed", "full"))
+    assert all(r["steps"] == 0 for r in rows if r.get("method") == "seed")
     assert len(report["users"]) == 3 and (tmp_path / "report.md").exists() and report["cost"]["forward_ms"] > 0
     assert {c["b"] for c in report["comparisons"] if c["a"] == "sdss"} == {"fifo", "random", "kcenter"}
     assert len(report["targets"]) == 3
@@ -46,3 +48,15 @@ def test_the_stream_bench_runs_every_rule_and_resumes(tmp_path, styleqa_found, t
     assert (tmp_path / "results.jsonl").read_text() == before
     with pytest.raises(ValueError, match="other settings"):
         run_stream_bench(resolve_settings(**(s.to_json() | {"lora_steps": 2})), tmp_path)
+
+
+def test_a_buffers_adapter_trains_the_references_steps_or_lora_steps():
+    from simulation.stream_bench import resolve_settings
+
+    s = resolve_settings(stream=80, batch_size=2, lora_steps=3, full_epochs=1.0)
+    assert s.reference_steps() == 40 and s.buffer_steps() == 40  # one pass over 80 items, 2 a step
+    assert resolve_settings(stream=80, batch_size=2, lora_steps=3, buffer_training="lora-steps").buffer_steps() == 3
+    few = resolve_settings(stream=8, buffer_sizes=(2,), batch_size=4, lora_steps=5)
+    assert few.reference_steps() == 5  # at least lora-steps, though one pass is 2 steps
+    with pytest.raises(ValueError, match="buffer-training|buffer_training"):
+        resolve_settings(buffer_training="epochs")

@@ -17,7 +17,8 @@ def add_stream_bench(sub) -> None:
     p.add_argument("--out", default="runs/stream-bench", help="run directory; rerun with the same settings to "
                                                                 "resume (default %(default)s)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="small: 16 users, sized for 2 CPU cores in about 25 minutes; full: the issue's sizes")
+                   help="small: a smoke test on 2 CPU cores (about 20 minutes); medium: the first measurement "
+                        "on 2 CPU cores (about 35 minutes, 16 users); full: the issue's sizes")
     add_settings_flags(p, StreamBenchSettings, skip=("generate", "gate_steps", "gate_lr", "share_ratio", "top_k",
                                                      "temperature", "shortlist", "assembly_batch_size",
                                                      "max_seed_distance"), preset=True)

@@ -5,16 +5,16 @@ private adapter on what each buffer yields, and evaluate on the items that come 
 Every rule sees the same items scored by the same forward passes: an item's hidden-state features do not depend on
 the buffer, so they are computed once per user (participants.selection_scores.item_features) and offered to every
 buffer, exactly as `bouquet device add` offers them. Pairs are written once per annotated item and shared by every
-buffer that annotated it. Training on the same records gives the same adapter, so identical training sets are
-trained once. Every adapter trains lora-steps steps, except the whole-stream reference, which makes full-epochs
-passes over the stream. Rows go to results.jsonl a user at a time; a rerun with the same settings resumes.
+buffer that annotated it. Training on the same records for the same steps gives the same adapter, so identical
+training sets are trained once. The whole-stream reference makes full-epochs passes over the stream; a buffer's
+adapter trains as many steps (buffer-training reference-steps: the same compute, the data the only difference) or
+lora-steps. Rows go to results.jsonl a user at a time; a rerun with the same settings resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -132,10 +132,9 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
     lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr,
                         batch_size=s.batch_size, max_len=s.max_len, seed=s.rng_seed)
     results: dict[str, dict] = {}
-    full_steps = max(s.lora_steps, math.ceil(s.full_epochs * len(user.history) / s.batch_size))
     for plan, records in plans:
-        k = "seed" if records is None else _key(records)
-        steps = full_steps if plan["method"] == "full" else s.lora_steps
+        steps = s.reference_steps() if plan["method"] == "full" else s.buffer_steps()
+        k = "seed" if records is None else f"{steps}:{_key(records)}"
         plan["steps"] = 0 if records is None else steps
         if k not in results:
             adapter, seconds = None, 0.0
