@@ -17,6 +17,10 @@ DP-SGD trains with AdamW at the run's dp-lora-lr (10x lora-lr by default). Measu
 23.4 / 10.5 at lr 1e-3 / 3e-3 / 1e-2, diverging at 3e-2; training B alone over a frozen random A (FFA-LoRA) did
 worse (15.6 at 1e-2, 13.2 at 2e-2), so both A and B train.
 
+Centroid gates (participants.feature_gates) are not trained but released once: the sum over every record of its
+answer features, each record's clipped to C, plus N(0, σ²C² I), at the same σ. The accountant composes that
+full-batch release (q = 1) with the LoRA's steps, so the share's ε still covers everything it sends.
+
 Per-record gradients are taken one record at a time (a backward pass each): exact for any module (the LoRA
 layers of PEFT and the gate hooks of participants.lora_hooks alike), with no per-sample hooks to keep in step.
 """
@@ -52,14 +56,24 @@ class DpSgd:
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"DP-SGD clip norm must be a finite number > 0, got {self.clip_norm}")
 
-    def plan(self, records: int, batch_size: int, steps: int, generator: torch.Generator) -> "DpPlan":
-        """The noise for `steps` steps of expected batch `batch_size` over `records` records, within (ε, δ)."""
+    def plan(self, records: int, batch_size: int, steps: int, generator: torch.Generator,
+             full_releases: int = 0) -> "DpPlan":
+        """The noise for `steps` steps of expected batch `batch_size` over `records` records, and `full_releases`
+        releases of a clipped sum over every record (participants.feature_gates' private centroids), all at
+        one noise multiplier and together within (ε, δ)."""
         if records < 1 or steps < 1:
             raise ValueError(f"DP-SGD needs at least one record and one step, got {records} and {steps}")
         q = min(1.0, batch_size / records)
-        sigma = noise_multiplier(self.epsilon, self.delta, q, steps)
-        return DpPlan(sigma, q, self.clip_norm, steps, self.delta, spent_epsilon(sigma, q, steps, self.delta),
-                      generator)
+
+        def history(sigma: float) -> list[tuple[float, float, int]]:
+            return [(sigma, q, steps)] + ([(sigma, 1.0, full_releases)] if full_releases else [])
+
+        if full_releases:
+            sigma = composed_noise_multiplier(self.epsilon, self.delta, history)
+        else:
+            sigma = noise_multiplier(self.epsilon, self.delta, q, steps)
+        return DpPlan(sigma, q, self.clip_norm, steps, self.delta, spent_epsilon_of(history(sigma), self.delta),
+                      generator, full_releases)
 
 
 @dataclass
@@ -72,6 +86,7 @@ class DpPlan:
     delta: float
     epsilon: float  # what the accountant gives for all the steps: at most the policy's
     generator: torch.Generator  # the sampling and the noise: the OS's randomness unless pinned
+    full_releases: int = 0  # noised sums over every record (q = 1), besides the steps
 
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -85,13 +100,39 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
 
 
 def spent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    return spent_epsilon_of([(sigma, sample_rate, steps)], delta)
+
+
+def spent_epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε of a composition of subsampled Gaussian mechanisms, each (noise multiplier, sample rate, steps)."""
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
-    accountant.history = [(sigma, sample_rate, steps)]
+    accountant.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(accountant.get_epsilon(delta, alphas=list(ALPHAS)))
+
+
+def composed_noise_multiplier(epsilon: float, delta: float, history, tolerance: float = 0.005) -> float:
+    """The smallest σ (to `tolerance` in ε) with spent_epsilon_of(history(σ)) <= ε, by bisection: ε falls as σ
+    grows."""
+    low, high = 0.0, 1.0
+    while spent_epsilon_of(history(high), delta) > epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {epsilon}")
+    while True:
+        mid = (low + high) / 2
+        spent = spent_epsilon_of(history(mid), delta)
+        if spent > epsilon:
+            low = mid
+        else:
+            high = mid
+            if epsilon - spent < tolerance * epsilon:
+                return high
+        if high - low < 1e-6:
+            return high
 
 
 def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int, opt, params, plan: DpPlan,

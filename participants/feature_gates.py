@@ -9,6 +9,12 @@ find it from the sharer's own data alone, on the bare seed, without a backward p
                answers sit to the sharer's, layer by layer
     contrast   the sharer's answers against the seed's answers to the same prompts (generic text): g starts at
                the difference of the two means and is refined by logistic regression
+
+Under DP (participants.dp_sgd) a centroid is released as a noised sum: each record's features at every position,
+concatenated, are clipped to C together, summed, and N(0, σ²C² I) is added. No division by the record count is
+needed: the newcomer reads LN(g), which no positive scale changes. Positions fed the same input (a layer's q, k
+and v projections) have the same features; they are released once, so the clip's budget is not split among
+copies.
 """
 
 from __future__ import annotations
@@ -95,6 +101,39 @@ def train_centroid_gates(seed: LoadedSeed, records: list[PersonalRecord], positi
         bar.update()
     report.seconds = time.perf_counter() - start
     return {pos: f.mean(0).float().cpu().numpy() for pos, f in own.items()}, report
+
+
+def private_centroid_gates(seed: LoadedSeed, records: list[PersonalRecord], positions, plan, *, max_len: int,
+                           desc: str = "private centroid gates") -> tuple[dict[str, np.ndarray], TrainReport]:
+    """The centroid gates as one Gaussian-mechanism release of `plan` (participants.dp_sgd.DpPlan): each record's
+    features clipped to plan.clip_norm over all positions together, summed, noised with std σC."""
+    report = TrainReport()
+    start = time.perf_counter()
+    with progress(1, desc) as bar:
+        own, report.tokens = answer_features(seed, records, positions, max_len)
+        bar.update()
+    groups: list[list[str]] = []  # positions with identical features: one release each
+    for pos in own:
+        same = next((g for g in groups if own[g[0]].shape == own[pos].shape and torch.equal(own[g[0]], own[pos])),
+                    None)
+        if same is None:
+            groups.append([pos])
+        else:
+            same.append(pos)
+    rows = torch.cat([own[g[0]].double() for g in groups], dim=1)  # (records, sum of the groups' widths)
+    norms = rows.norm(dim=1, keepdim=True)
+    clipped = rows * torch.clamp(plan.clip_norm / (norms + 1e-12), max=1.0)
+    noise = torch.normal(0.0, plan.noise_multiplier * plan.clip_norm, size=(rows.shape[1],),
+                         generator=plan.generator, dtype=torch.float64)
+    released = clipped.sum(0) + noise.to(clipped.device)
+    gates, offset = {}, 0
+    for group in groups:
+        width = own[group[0]].shape[1]
+        for pos in group:
+            gates[pos] = released[offset:offset + width].float().cpu().numpy()
+        offset += width
+    report.seconds = time.perf_counter() - start
+    return gates, report
 
 
 def train_contrast_gates(seed: LoadedSeed, records: list[PersonalRecord], positions, *, steps: int, lr: float,

@@ -10,7 +10,7 @@ import torch
 
 from participants.cutting import choose_share, cut_into_pieces
 from participants.dp_sgd import DpPlan, DpSgd
-from participants.feature_gates import train_centroid_gates, train_contrast_gates
+from participants.feature_gates import private_centroid_gates, train_centroid_gates, train_contrast_gates
 from participants.gate_training import train_gates
 from participants.lora_training import TrainReport, train_private_lora
 from participants.seed_loading import LoadedSeed
@@ -48,9 +48,12 @@ class Share:
 
 def dp_plan(dp: DpSgd, history_size: int, s: ParticipantSettings, share_seed: int) -> DpPlan:
     """The DP-SGD plan of one share: both phases (LoRA and gates) under one (ε, δ), its randomness from the
-    share's secret seed (the policy's: the OS's, unless pinned)."""
+    share's secret seed (the policy's: the OS's, unless pinned). Centroid gates are one full-batch release;
+    contrast gates have no private path and train as lm gates under DP."""
     generator = torch.Generator()
     generator.manual_seed(int.from_bytes(hashlib.sha256(f"dp-sgd:{share_seed}".encode()).digest()[:8], "little"))
+    if s.gate_objective == "centroid":
+        return dp.plan(history_size, s.batch_size, s.lora_steps, generator, full_releases=1)
     return dp.plan(history_size, s.batch_size, s.lora_steps + s.gate_steps, generator)
 
 
@@ -62,9 +65,12 @@ def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: Particip
     training = lora_settings(s, lr=s.dp_lora_lr) if dp is not None else lora_settings(s)
     plan = dp_plan(dp, len(history), s, share_seed) if dp is not None else None
     weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA", dp=plan)
-    if s.gate_objective == "centroid" and plan is None:  # under DP-SGD only the lm gates have a private path
+    if s.gate_objective == "centroid" and plan is None:
         gates, gate = train_centroid_gates(seed, history, list(weights), max_len=s.max_len, desc=f"{who}: gates")
-    elif s.gate_objective == "contrast" and plan is None:
+    elif s.gate_objective == "centroid":
+        gates, gate = private_centroid_gates(seed, history, list(weights), plan, max_len=s.max_len,
+                                             desc=f"{who}: private gates")
+    elif s.gate_objective == "contrast" and plan is None:  # under DP-SGD contrast gates fall back to lm gates
         gates, gate = train_contrast_gates(seed, history, list(weights), steps=s.gate_steps, lr=s.gate_lr,
                                            max_len=s.max_len, max_new_tokens=s.max_new_tokens,
                                            rng_seed=s.rng_seed, desc=f"{who}: contrast gates")

@@ -124,7 +124,8 @@ class ParticipantSettings:
     gate_objective: str = setting("lm", "what a gate learns: lm (the LoRA's own loss through a sigmoid input "
                                         "gate, as Per-Pcs), centroid (the mean of the sharer's own answer features) "
                                         "or contrast (its answers against the seed's answers to the same prompts); "
-                                        "the last two in forward passes only",
+                                        "the last two in forward passes only; under DP-SGD a centroid is released as a noised "
+                                        "sum, and contrast trains lm gates",
                                   choices=("lm", "centroid", "contrast"))
     batch_size: int = setting(4, "training batch size", low=1)
     max_len: int = setting(96, "tokens per training, assembly and evaluation sequence", low=8)

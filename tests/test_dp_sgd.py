@@ -4,13 +4,15 @@ device policy that asks for it (participants.dp_sgd, participants.sharing, parti
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from participants.chat_data import encode_all
-from participants.dp_sgd import DpPlan, DpSgd, run_dp_steps, spent_epsilon
+from participants.dp_sgd import DpPlan, DpSgd, run_dp_steps, spent_epsilon, spent_epsilon_of
+from participants.feature_gates import private_centroid_gates, train_centroid_gates
 from participants.privacy_ledger import BudgetExceeded
 from participants.privacy_policy import PolicyError, PolicyRefused, PrivacyPolicy
 from participants.sharing import train_and_share
@@ -48,6 +50,56 @@ def test_the_plan_spends_at_most_its_epsilon_and_more_epsilon_means_less_noise()
     assert plans[1].noise_multiplier > plans[2].noise_multiplier > plans[8].noise_multiplier > 0.5
     # more steps over the same records cost more: at the same σ, ε grows
     assert spent_epsilon(plans[8].noise_multiplier, 0.25, 100, 1e-5) > plans[8].epsilon
+
+
+def test_a_full_batch_release_is_composed_with_the_steps_at_one_noise_multiplier():
+    steps_only = DpSgd(8.0).plan(records=16, batch_size=4, steps=12, generator=generator(0))
+    with_gates = DpSgd(8.0).plan(records=16, batch_size=4, steps=12, generator=generator(0), full_releases=1)
+    assert with_gates.full_releases == 1 and 0.95 * 8 <= with_gates.epsilon <= 8
+    history = [(with_gates.noise_multiplier, 0.25, 12), (with_gates.noise_multiplier, 1.0, 1)]
+    assert spent_epsilon_of(history, 1e-5) == pytest.approx(with_gates.epsilon)
+    # the release over every record costs budget: the same ε needs more noise than the steps alone
+    assert with_gates.noise_multiplier > steps_only.noise_multiplier
+    assert spent_epsilon(with_gates.noise_multiplier, 0.25, 12, 1e-5) < with_gates.epsilon
+
+
+def centroid_plan(sigma: float, clip: float, seed: int = 0) -> DpPlan:
+    return DpPlan(noise_multiplier=sigma, sample_rate=1.0, clip_norm=clip, steps=1, delta=1e-5, epsilon=1.0,
+                  generator=generator(seed), full_releases=1)
+
+
+def test_private_centroid_gates_clip_every_record_and_release_shared_inputs_once(tiny_seed):
+    positions = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                 "model.layers.1.self_attn.o_proj"]
+    exact, _ = train_centroid_gates(tiny_seed, records(), positions, max_len=32)
+    free, _ = private_centroid_gates(tiny_seed, records(), positions, centroid_plan(0.0, 1e6), max_len=32)
+    for pos in positions:  # no noise and no clipping: the sum of the features, the centroid's direction
+        cosine = exact[pos] @ free[pos] / (np.linalg.norm(exact[pos]) * np.linalg.norm(free[pos]))
+        assert cosine > 0.9999
+    # q and v read the same input: one release, identical gates, even under noise
+    noisy, _ = private_centroid_gates(tiny_seed, records(), positions, centroid_plan(1.0, 1.0), max_len=32)
+    assert np.array_equal(noisy[positions[0]], noisy[positions[1]])
+    assert not np.allclose(noisy[positions[0]], noisy[positions[2]][: len(noisy[positions[0]])])
+    # each record's features (all positions together) are clipped to C: without noise the sum is at most n C
+    clipped, _ = private_centroid_gates(tiny_seed, records(), positions, centroid_plan(0.0, 0.5), max_len=32)
+    released = np.concatenate([clipped[positions[0]], clipped[positions[2]]])
+    assert np.linalg.norm(released) <= len(records()) * 0.5 * (1 + 1e-5)
+    # the noise is σC per coordinate, drawn from the plan's generator alone
+    a, _ = private_centroid_gates(tiny_seed, records(), positions, centroid_plan(50.0, 1e-3, seed=3), max_len=32)
+    b, _ = private_centroid_gates(tiny_seed, records(), positions, centroid_plan(50.0, 1e-3, seed=3), max_len=32)
+    assert np.array_equal(a[positions[2]], b[positions[2]])
+    assert np.std(a[positions[2]]) == pytest.approx(50.0 * 1e-3, rel=0.3)
+
+
+def test_a_dp_share_with_centroid_gates_keeps_the_centroid_objective_within_its_epsilon(tiny_seed):
+    settings = replace(TINY_SHARE, gate_objective="centroid")
+    plain = train_and_share(tiny_seed, records(), settings, new_key(), share_seed=2)
+    private = train_and_share(tiny_seed, records(), settings, new_key(), share_seed=2, dp=DpSgd(4.0))
+    assert private.dp.full_releases == 1 and private.dp.steps == settings.lora_steps
+    assert 3.8 <= private.epsilon <= 4.0 and all(p.dp_epsilon == private.epsilon for p in private.shared)
+    # the gates are noised centroids, not lm gates (which start at zero and move a little) nor the exact ones
+    gate, exact = private.pieces[0].gate, plain.pieces[0].gate
+    assert np.linalg.norm(gate) > 1e-3 and not np.allclose(gate, exact)
 
 
 @pytest.mark.parametrize("kwargs, words", [({"epsilon": 0}, "epsilon"), ({"epsilon": float("inf")}, "epsilon"),
