@@ -185,6 +185,15 @@ def cmd_privacy_audit(args) -> int:
     return 0 if report["summaries"] else 1
 
 
+def _add_data(sub) -> None:
+    from simulation.shakespeare import add_command as add_shakespeare
+
+    p = sub.add_parser("data", help="write a personal-data JSONL file (`--data FILE` of bench and simulate) from a "
+                                    "real corpus")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    add_shakespeare(dsub)
+
+
 def _add_pool(sub) -> None:
     p = sub.add_parser("pool", help="inspect a piece pool")
     psub = p.add_subparsers(dest="pool_command", required=True)
@@ -465,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_simulate(sub)
     _add_bench(sub)
     _add_privacy_audit(sub)
+    _add_data(sub)
     _add_pool(sub)
     _add_seeds(sub)
     _add_catalog(sub)
