@@ -43,12 +43,14 @@ def key():
 
 
 def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
-    """Scores, top-k, softmax and separate A/B mixing, checked against a direct computation."""
+    """Scores, top-k, softmax and both mixes (A and B separately; the updates B A), checked against a direct
+    computation."""
     rng = np.random.default_rng(0)
     history = make_records("n", "ZAP", 4)
     pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(4)]
-    settings = AssemblySettings(top_k=2, temperature=0.5, batch_size=8)
+    settings = AssemblySettings(top_k=2, temperature=0.5, batch_size=8, mix="ab")
     result = assemble(tiny_seed, history, pieces, settings)
+    updates = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, temperature=0.5, batch_size=8, mix="dw"))
 
     # reference: layer 0 q_proj sees the normed embeddings, untouched by any other piece
     x, mask = layer0_q_inputs(tiny_seed, history)
@@ -67,6 +69,11 @@ def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
     np.testing.assert_allclose(result.weights[Q0][1], B, rtol=1e-4, atol=1e-6)
     chosen = [pid for pid, _ in result.choices[0][Q0]]
     assert chosen == [pieces[i].piece_id for i in top]
+    # dw: the update is the weighted sum of the chosen pieces' updates, exactly, at rank top-k x r
+    dW = sum(wi * pieces[i].scaling * pieces[i].B @ pieces[i].A for wi, i in zip(w, top))
+    A_dw, B_dw = updates.weights[Q0]
+    assert updates.rank == 2 * pieces[0].rank == A_dw.shape[0]
+    np.testing.assert_allclose(B_dw @ A_dw, dW, rtol=1e-4, atol=1e-6)
 
 
 def test_the_piece_whose_gate_matches_the_history_wins(tiny_seed, make_records, key):
@@ -109,21 +116,24 @@ def test_pieces_of_another_rank_are_left_out_and_an_empty_pool_is_an_error(tiny_
     rng = np.random.default_rng(4)
     pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(3)] + \
              [make_piece(tiny_seed.descriptor, Q0, rng, key, rank=2)]
-    result = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=5))
+    result = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=5, mix="ab"))
     assert result.rank == 4 and len(result.choices[0][Q0]) == 3
+    updates = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=5, mix="dw"))
+    assert updates.rank == 20 and updates.weights[Q0][0].shape == (20, D) and len(updates.choices[0][Q0]) == 3
     with pytest.raises(ValueError, match="pool is empty"):
         assemble(tiny_seed, make_records("n", "ZAP", 4), [], AssemblySettings())
     rnd = random_assembly(pieces, AssemblySettings(top_k=2), rng_seed=0)
-    assert rnd.weights[Q0][0].shape == (4, D)
+    assert rnd.rank == 8 and rnd.weights[Q0][0].shape == (8, D)  # dw, the default: top-k x r
 
 
-def test_saved_adapter_is_a_peft_folder_with_the_same_outputs(tiny_seed, make_records, key, tmp_path):
+@pytest.mark.parametrize("mix", ["ab", "dw"])
+def test_saved_adapter_is_a_peft_folder_with_the_same_outputs(tiny_seed, make_records, key, tmp_path, mix):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     rng = np.random.default_rng(5)
     pieces = [make_piece(tiny_seed.descriptor, pos, rng, key) for pos in (Q0, O0, Q1) for _ in range(2)]
-    result = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=2))
+    result = assemble(tiny_seed, make_records("n", "ZAP", 4), pieces, AssemblySettings(top_k=2, mix=mix))
     folder = save_peft_adapter(tmp_path / "adapter", result.weights, result.rank, result.alpha,
                                tiny_seed.descriptor.path, extra={"choices": result.choices})
     base = AutoModelForCausalLM.from_pretrained(tiny_seed.descriptor.path)
@@ -137,4 +147,5 @@ def test_saved_adapter_is_a_peft_folder_with_the_same_outputs(tiny_seed, make_re
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(bare, expected, atol=1e-4)
     weights, rank, alpha = load_peft_adapter(folder)
-    assert rank == 4 and alpha == 4.0 and sorted(weights) == sorted(result.weights)
+    assert rank == result.rank == (4 if mix == "ab" else 8) and alpha == result.alpha
+    assert sorted(weights) == sorted(result.weights)
