@@ -87,6 +87,7 @@ class DpPlan:
     epsilon: float  # what the accountant gives for all the steps: at most the policy's
     generator: torch.Generator  # the sampling and the noise: the OS's randomness unless pinned
     full_releases: int = 0  # noised sums over every record (q = 1), besides the steps
+    taken: int = 0  # steps run under this plan so far: run_dp_steps refuses to run past `steps`
 
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -140,6 +141,9 @@ def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int
     """`steps` DP-SGD steps over `examples` (Poisson batches, per-record clipping, Gaussian noise)."""
     from participants.lora_training import TrainReport
 
+    if plan.taken + steps > plan.steps:
+        raise ValueError(f"{desc}: {steps} more DP-SGD steps would pass the {plan.steps} its ε was accounted for "
+                         f"({plan.taken} taken): plan every phase's steps before training")
     report = TrainReport()
     n = len(examples)
     expected = plan.sample_rate * n
@@ -166,6 +170,7 @@ def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int
                 noise = torch.normal(0.0, std, size=acc.shape, generator=plan.generator).to(acc.device, acc.dtype)
                 p.grad = (acc + noise) / expected
             opt.step()
+            plan.taken += 1
             if sched is not None:
                 sched.step()
             opt.zero_grad(set_to_none=True)

@@ -47,14 +47,15 @@ class Share:
 
 
 def dp_plan(dp: DpSgd, history_size: int, s: ParticipantSettings, share_seed: int) -> DpPlan:
-    """The DP-SGD plan of one share: both phases (LoRA and gates) under one (ε, δ), its randomness from the
-    share's secret seed (the policy's: the OS's, unless pinned). Centroid gates are one full-batch release;
+    """The DP-SGD plan of one share: every step of both phases (dp-lora-steps of the LoRA, gate-steps of its gates,
+    each of expected batch dp-batch-size) under one (ε, δ), its randomness from the share's secret seed (the
+    policy's: the OS's, unless pinned). Centroid gates are not trained but released once over every record;
     contrast gates have no private path and train as lm gates under DP."""
     generator = torch.Generator()
     generator.manual_seed(int.from_bytes(hashlib.sha256(f"dp-sgd:{share_seed}".encode()).digest()[:8], "little"))
     if s.gate_objective == "centroid":
-        return dp.plan(history_size, s.batch_size, s.lora_steps, generator, full_releases=1)
-    return dp.plan(history_size, s.batch_size, s.lora_steps + s.gate_steps, generator)
+        return dp.plan(history_size, s.dp_batch_size, s.dp_lora_steps, generator, full_releases=1)
+    return dp.plan(history_size, s.dp_batch_size, s.dp_lora_steps + s.gate_steps, generator)
 
 
 def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: ParticipantSettings, signing_key,
@@ -62,7 +63,8 @@ def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: Particip
     """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared (and DP-SGD's
     batches and noise). `dp` trains the LoRA and its gates by DP-SGD, its (ε, δ) in every piece. `who` labels the
     progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
-    training = lora_settings(s, lr=s.dp_lora_lr) if dp is not None else lora_settings(s)
+    training = (lora_settings(s, lr=s.dp_lora_lr, steps=s.dp_lora_steps, batch_size=s.dp_batch_size)
+                if dp is not None else lora_settings(s))
     plan = dp_plan(dp, len(history), s, share_seed) if dp is not None else None
     weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA", dp=plan)
     if s.gate_objective == "centroid" and plan is None:

@@ -119,6 +119,11 @@ class ParticipantSettings:
     lora_lr: float = setting(1e-3, "private LoRA learning rate", low=0, low_open=True)
     dp_lora_lr: float = setting(1e-2, "the private LoRA's learning rate on a device whose policy trains it by "
                                       "DP-SGD (piece-epsilon): the noise needs a larger step", low=0, low_open=True)
+    dp_lora_steps: int = setting(24, "the private LoRA's steps on a device whose policy trains it by DP-SGD, in place "
+                                     "of lora-steps: a noisy step teaches less, so DP needs more of them",
+                                 low=1)
+    dp_batch_size: int = setting(16, "the expected Poisson batch (records) of DP-SGD's steps, LoRA and gates: the "
+                                     "noise on a step's mean gradient falls as the batch grows", low=1)
     gate_steps: int = setting(30, "gate training steps per sharer, for lm and contrast gates (0: lm gates stay at "
                                     "zero)", low=0)
     gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)

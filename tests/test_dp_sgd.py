@@ -18,11 +18,11 @@ from participants.privacy_policy import PolicyError, PolicyRefused, PrivacyPolic
 from participants.sharing import train_and_share
 from protocols.pieces import Piece, PieceFormatError
 from protocols.records import PersonalRecord
-from protocols.settings import ParticipantSettings
+from protocols.settings import ParticipantSettings, from_config, key
 from test_privacy_policy import device_with, task_identity  # noqa: F401 (a fixture)
 
 TINY_SHARE = ParticipantSettings(seed_model="tiny-random", lora_rank=2, lora_alpha=4.0, lora_steps=3, gate_steps=2,
-                                 batch_size=2, max_len=32, share_ratio=0.5)
+                                 batch_size=2, dp_lora_steps=4, dp_batch_size=3, max_len=32, share_ratio=0.5)
 
 
 def new_key():
@@ -95,7 +95,7 @@ def test_a_dp_share_with_centroid_gates_keeps_the_centroid_objective_within_its_
     settings = replace(TINY_SHARE, gate_objective="centroid")
     plain = train_and_share(tiny_seed, records(), settings, new_key(), share_seed=2)
     private = train_and_share(tiny_seed, records(), settings, new_key(), share_seed=2, dp=DpSgd(4.0))
-    assert private.dp.full_releases == 1 and private.dp.steps == settings.lora_steps
+    assert private.dp.full_releases == 1 and private.dp.steps == settings.dp_lora_steps == private.dp.taken
     assert 3.8 <= private.epsilon <= 4.0 and all(p.dp_epsilon == private.epsilon for p in private.shared)
     # the gates are noised centroids, not lm gates (which start at zero and move a little) nor the exact ones
     gate, exact = private.pieces[0].gate, plain.pieces[0].gate
@@ -140,7 +140,8 @@ def test_each_records_gradient_is_clipped_and_the_noise_follows_the_plan(tiny_se
     expected = 2.0 * 1e-3 / 4 * np.sqrt(n_params)
     assert 0.9 * expected < one_step(tiny_seed, noisy) < 1.1 * expected + 1e-3
     # the sampling and the noise come from the plan's generator alone: the same seed, the same step
-    same, again, other = (one_step(tiny_seed, DpPlan(**{**noisy.__dict__, "generator": generator(g)}))
+    same, again, other = (one_step(tiny_seed, DpPlan(**{**noisy.__dict__, "generator": generator(g),
+                                                                 "taken": 0}))
                           for g in (7, 7, 8))
     assert same == again != other
 
@@ -158,6 +159,37 @@ def test_a_dp_share_carries_its_epsilon_in_every_signed_piece_and_its_metrics(ti
         assert back.dp_epsilon == piece.dp_epsilon and back.piece_id == piece.piece_id and back.signature_ok()
     # the noise moves the weights: DP-SGD's adapter is not the plain one
     assert not np.allclose(plain.pieces[0].A, private.pieces[0].A)
+
+
+def test_the_accountant_counts_every_dp_step_of_both_phases(tiny_seed):
+    lm_gates = replace(TINY_SHARE, gate_objective="lm")  # trained gates: DP-SGD steps of their own
+    private = train_and_share(tiny_seed, records(), lm_gates, new_key(), share_seed=2, dp=DpSgd(8.0))
+    # dp-lora-steps (not lora-steps) LoRA steps, then gate-steps gate steps, at expected batch dp-batch-size
+    assert len(private.lora.losses) == 4 and len(private.gates.losses) == 2
+    plan = private.dp
+    assert plan.steps == plan.taken == 4 + 2 and plan.sample_rate == 3 / 6
+    assert plan.epsilon == pytest.approx(spent_epsilon(plan.noise_multiplier, 0.5, 6, 1e-5)) and plan.epsilon <= 8
+    # the same ε over more steps needs more noise
+    longer = train_and_share(tiny_seed, records(), replace(lm_gates, dp_lora_steps=12), new_key(), share_seed=2,
+                             dp=DpSgd(8.0))
+    assert longer.dp.taken == 14 and longer.dp.noise_multiplier > plan.noise_multiplier
+
+
+def test_no_step_runs_past_what_the_accountant_counted(tiny_seed):
+    plan = DpSgd(8.0).plan(records=4, batch_size=2, steps=1, generator=generator(0))
+    one_step(tiny_seed, plan)
+    assert plan.taken == 1
+    with pytest.raises(ValueError, match="would pass the 1 its ε was accounted for"):
+        one_step(tiny_seed, plan)
+    assert plan.taken == 1
+
+
+@pytest.mark.parametrize("change, name", [({"dp_lora_steps": 0}, "dp-lora-steps"),
+                                          ({"dp_batch_size": 0}, "dp-batch-size"),
+                                          ({"dp_lora_steps": 2.5}, "dp-lora-steps")])
+def test_bad_dp_training_settings_are_refused_by_name(change, name):
+    with pytest.raises(ValueError, match=name):
+        from_config(ParticipantSettings, {key(k): v for k, v in change.items()})
 
 
 def test_a_piece_with_half_or_a_bad_privacy_claim_does_not_decode(tiny_seed):
@@ -217,8 +249,8 @@ def test_a_device_whose_policy_asks_for_dp_sgd_sends_pieces_that_say_so(tmp_path
     from test_privacy_policy import ask
 
     device = device_with(tmp_path, {"piece-epsilon": 6, "max-share-ratio": 1.0})
-    reply = ask(device, M.SHARE, {"seed-model": "tiny-random", "lora-steps": 2, "gate-steps": 1, "lora-rank": 2,
-                                  "max-len": 32, "share-ratio": 1.0})
+    reply = ask(device, M.SHARE, {"seed-model": "tiny-random", "dp-lora-steps": 2, "dp-batch-size": 2,
+                                  "gate-steps": 1, "lora-rank": 2, "max-len": 32, "share-ratio": 1.0})
     pieces = M.pieces_from_records(reply.content[M.PIECES], reply.content[M.PIECE_META])
     metrics = dict(reply.content[M.METRICS].items())
     assert pieces and all(p.dp_epsilon == metrics["pieces-epsilon"] and p.signature_ok() for p in pieces)

@@ -146,8 +146,9 @@ def tiny_audit(root, **changes) -> AuditSettings:
                (replace(rec, output=f"{style} {rec.output}") for rec in random_records(f"user{u}", 10, seed=u))]
     save_records(records, root / "data.jsonl")
     return AuditSettings(**{"data": str(root / "data.jsonl"), "seed_model": "tiny-random", "history": 5, "test": 5,
-                            "lora_steps": 4, "gate_steps": 2, "lora_rank": 4, "lora_alpha": 8.0, "max_len": 48,
-                            "max_new_tokens": 12, "extraction_records": 3, "ngram": 3, "share_ratios": (1.0, 0.5)}
+                            "lora_steps": 4, "dp_lora_steps": 4, "gate_steps": 2, "lora_rank": 4, "lora_alpha": 8.0,
+                            "max_len": 48, "max_new_tokens": 12, "extraction_records": 3, "ngram": 3,
+                            "share_ratios": (1.0, 0.5)}
                          | changes)
 
 
