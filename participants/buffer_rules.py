@@ -10,8 +10,10 @@ one entry per rule (participants.stream_settings.RULES), all at the same capacit
              Annotation: the highest combined score first.
     fifo     the oldest unannotated item leaves. Annotation: oldest first.
     random   reservoir sampling (Vitter's algorithm R): the n-th item enters with probability B / n, in place of
-             a uniformly chosen unannotated item. Its randomness derives from (rng_seed, n), so it needs no state
-             and a replay decides the same. Annotation: a seeded random order per round.
+             a uniformly chosen unannotated item. Its randomness derives from (the buffer's random seed, n), so it
+             needs no other state and a replay decides the same; the seed is the buffer's own (drawn from the OS
+             when it is created, kept in its file), so two devices sample different positions of their streams.
+             Annotation: a random order per round, from (random seed, round).
     kcenter  the online greedy k-center heuristic on centered unit embeddings: of the unannotated items and the
              new one, the one nearest to any other item (the most redundant) leaves. Annotation: farthest-first
              traversal from what is already annotated, the greedy k-center order.
@@ -59,7 +61,8 @@ def sdss_value(items: list[BufferItem], i: int, centered: np.ndarray, scorer: St
     return combined({"eoe": it.eoe, "dss": it.dss, "idd": current_idd(items, i, centered)}, scorer, combine)
 
 
-def evict(items: list[BufferItem], new: BufferItem, scorer: StreamScorer, s: BufferSettings) -> int | None:
+def evict(items: list[BufferItem], new: BufferItem, scorer: StreamScorer, s: BufferSettings,
+          random_seed: int) -> int | None:
     """The index of the item the new one replaces in a full buffer, or None: the new one is not kept."""
     free = [i for i, it in enumerate(items) if not it.annotated]
     if not free:
@@ -67,7 +70,7 @@ def evict(items: list[BufferItem], new: BufferItem, scorer: StreamScorer, s: Buf
     if s.rule == "fifo":
         return min(free, key=lambda i: items[i].seq)
     if s.rule == "random":
-        rng = np.random.default_rng([s.rng_seed, new.seq])
+        rng = np.random.default_rng([random_seed, new.seq])
         return free[int(rng.integers(len(free)))] if rng.random() < s.capacity / new.seq else None
     centered = scorer.centered(np.stack([it.embedding for it in items] + [new.embedding]))
     if s.rule == "kcenter":
@@ -87,7 +90,8 @@ def evict(items: list[BufferItem], new: BufferItem, scorer: StreamScorer, s: Buf
     return weakest if new_value > values[weakest] else None
 
 
-def annotation_order(items: list[BufferItem], scorer: StreamScorer, s: BufferSettings, round_no: int) -> list[int]:
+def annotation_order(items: list[BufferItem], scorer: StreamScorer, s: BufferSettings, round_no: int,
+                     random_seed: int) -> list[int]:
     """The unannotated items' indices, in the order the rule asks the owner to annotate them."""
     free = [i for i, it in enumerate(items) if not it.annotated]
     if not free:
@@ -95,7 +99,7 @@ def annotation_order(items: list[BufferItem], scorer: StreamScorer, s: BufferSet
     if s.rule == "fifo":
         return sorted(free, key=lambda i: items[i].seq)
     if s.rule == "random":
-        rng = np.random.default_rng([s.rng_seed, 1 << 40, round_no])
+        rng = np.random.default_rng([random_seed, 1 << 40, round_no])
         return [free[k] for k in rng.permutation(len(free))]
     centered = scorer.centered(np.stack([it.embedding for it in items]))
     if s.rule == "sdss":

@@ -4,8 +4,12 @@ and the device's model writes pairs like each annotated item (participants.synth
 then the annotated items plus their kept pairs (`training_records`).
 
 It lives in the device folder as `buffer.json`: the items (their records, scores and embeddings, who annotated
-them and the kept pairs), the domains and running statistics the scores depend on, its settings, and the seed
-whose hidden states scored it. Durability: every change is a whole new file, written to a temp file, synced,
+them and the kept pairs), the domains and running statistics the scores depend on, its settings, the seed whose
+hidden states scored it, and its random seed: 128 bits drawn from the OS when the buffer is created (or given,
+for a reproducible experiment), which the random rule draws from, so that every device samples its own positions
+of its stream and a replay after a restart decides the same. Format 1 files (before the random seed was the
+buffer's own, when every device used the setting rng-seed, 0 by default) still load, with that setting as their
+random seed, so their replay is unchanged; they are written back as format 2. Durability: every change is a whole new file, written to a temp file, synced,
 renamed into place and the folder synced (protocols.files.write_atomic plus a directory fsync), under an
 exclusive lock (`buffer.lock`). A command that returned has its change on disk; a command killed before that
 leaves the file as it was. A file damaged on disk fails its SHA-256 (kept inside it) and is refused on start,
@@ -20,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +39,8 @@ from protocols.records import PersonalRecord, parse_record
 
 BUFFER_FILE = "buffer.json"
 LOCK_FILE = "buffer.lock"
-FORMAT = "bouquet-buffer/1"
+FORMAT = "bouquet-buffer/2"
+FORMAT_1 = "bouquet-buffer/1"  # read only: rng_seed in its settings instead of its own random seed
 RECENT_BATCHES = 32  # digests of the latest added files, so that re-running an add whose reply was lost is a no-op
 
 
@@ -59,14 +65,21 @@ class StreamBuffer:
     seed_id: str
     seed_hash: str
     scorer: StreamScorer
+    random_seed: int  # the random rule's: the buffer's own (participants.buffer_rules)
     items: list[BufferItem] = field(default_factory=list)
     rounds: int = 0  # annotation rounds held
     kept: int = 0  # items that entered the buffer
     batches: list[str] = field(default_factory=list)  # digests of the latest added files
 
     @classmethod
-    def new(cls, settings: BufferSettings, synthesis: SynthesisSettings, seed_id: str, seed_hash: str):
-        return cls(settings, synthesis, seed_id, seed_hash, StreamScorer(settings.domains))
+    def new(cls, settings: BufferSettings, synthesis: SynthesisSettings, seed_id: str, seed_hash: str,
+            random_seed: int | None = None):
+        """An empty buffer; its random seed drawn from the OS unless given (a reproducible experiment)."""
+        if random_seed is None:
+            random_seed = secrets.randbits(128)
+        if not 0 <= random_seed < 1 << 128:
+            raise ValueError(f"a buffer's random seed is a whole number in [0, 2^128), got {random_seed}")
+        return cls(settings, synthesis, seed_id, seed_hash, StreamScorer(settings.domains), random_seed)
 
     @property
     def seen(self) -> int:
@@ -92,7 +105,7 @@ class StreamBuffer:
             slot = len(self.items)
             self.items.append(item)
         else:
-            slot = evict(self.items, item, sc, self.settings)
+            slot = evict(self.items, item, sc, self.settings, self.random_seed)
             if slot is not None:
                 self.items[slot] = item
         sc.learn(f)
@@ -103,7 +116,7 @@ class StreamBuffer:
 
     def requests(self) -> list[BufferItem]:
         """This round's items to annotate: up to `budget` unannotated items, in the rule's order."""
-        order = annotation_order(self.items, self.scorer, self.settings, self.rounds + 1)
+        order = annotation_order(self.items, self.scorer, self.settings, self.rounds + 1, self.random_seed)
         return [self.items[i] for i in order[: self.settings.budget]]
 
     def find(self, user: str, item_id: str | None, input: str) -> BufferItem | None:
@@ -172,6 +185,7 @@ class StreamBuffer:
         return {
             "settings": self.settings.to_json(), "synthesis": self.synthesis.to_json(),
             "seed": {"id": self.seed_id, "content-hash": self.seed_hash},
+            "random-seed": f"{self.random_seed:032x}",  # hex: 128 bits, beyond what many JSON readers keep exact
             "rounds": self.rounds, "kept": self.kept, "batches": self.batches,
             "scorer": {"seen": sc.seen, "dim": 0 if sc.mean_embedding is None else int(sc.mean_embedding.size),
                        "centroids": None if sc.centroids is None else _b64(sc.centroids, "<f8"),
@@ -194,14 +208,17 @@ class StreamBuffer:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BufferDamaged(f"{where}: not valid JSON ({err})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise BufferDamaged(f"{where}: not a bouquet buffer file (format {doc.get('format')!r} where "
-                                f"{FORMAT!r} was expected)" if isinstance(doc, dict) else f"{where}: not a buffer file")
+        if not isinstance(doc, dict) or doc.get("format") not in (FORMAT, FORMAT_1):
+            raise BufferDamaged(f"{where}: not a bouquet buffer file this version reads (format "
+                                f"{doc.get('format')!r}; it reads {FORMAT!r} and {FORMAT_1!r}): if a newer bouquet "
+                                f"wrote it, use that one" if isinstance(doc, dict) else f"{where}: not a buffer file")
         state = doc.get("state")
         if not isinstance(state, dict) or doc.get("sha256") != _digest(state):
             raise BufferDamaged(f"{where}: its contents do not match the checksum written with them: the file was "
                                 f"changed or damaged on disk")
         try:
+            if doc["format"] == FORMAT_1:
+                state = _from_format_1(state)
             return cls._from_state(state)
         except (KeyError, TypeError, ValueError) as err:
             raise BufferDamaged(f"{where}: its contents are inconsistent ({type(err).__name__}: {err})") from None
@@ -229,9 +246,18 @@ class StreamBuffer:
                                     int(raw["written"])))
         if len(items) > s.capacity:
             raise ValueError(f"{len(items)} items in a buffer of capacity {s.capacity}")
+        random_seed = int(state["random-seed"], 16)
+        if not 0 <= random_seed < 1 << 128:
+            raise ValueError(f"random seed {state['random-seed']!r} is not 128 bits")
         return cls(s, SynthesisSettings(**state["synthesis"]), str(state["seed"]["id"]),
-                   str(state["seed"]["content-hash"]), scorer, items, int(state["rounds"]), int(state["kept"]),
-                   [str(b) for b in state["batches"]])
+                   str(state["seed"]["content-hash"]), scorer, random_seed, items, int(state["rounds"]),
+                   int(state["kept"]), [str(b) for b in state["batches"]])
+
+
+def _from_format_1(state: dict) -> dict:
+    """A format 1 state as format 2: its settings' rng_seed becomes its random seed, so it decides as it did."""
+    settings = dict(state["settings"])
+    return state | {"settings": settings, "random-seed": f"{int(settings.pop('rng_seed')):032x}"}
 
 
 def _digest(state: dict) -> str:
