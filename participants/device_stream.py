@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
 from participants.seed_loading import LoadedSeed, load_seed
 from participants.selection_scores import item_features
 from participants.stream_buffer import RECENT_BATCHES, StreamBuffer, load_buffer, locked, save_buffer
@@ -74,7 +75,8 @@ def add_records(root: str | Path, data: str | Path, *, seed_model: str | None = 
                 by: str = "owner", loader=load_seed) -> AddReport:
     """Offer the file's records, in order, to the device's buffer. The first addition creates it, with `given`
     (values of BufferSettings and SynthesisSettings fields by name; the rest default) and `seed_model`; later
-    ones must not give other values. A record that carries an output counts as annotated by `by` if kept."""
+    ones must not give other values. A record that carries an output counts as annotated by `by` if kept. The
+    buffer's random seed comes from the OS, or from the device policy's pinned-seed (experiments only)."""
     given = given or {}
     unknown = sorted(set(given) - {f.name for f in fields(BufferSettings)} - {f.name for f in fields(SynthesisSettings)})
     if unknown:
@@ -87,7 +89,8 @@ def add_records(root: str | Path, data: str | Path, *, seed_model: str | None = 
         buffer = load_buffer(root)
         if buffer is None:
             seed = loader(seed_model) if seed_model else loader()
-            buffer = StreamBuffer.new(*fresh, seed.descriptor.seed_id, seed.descriptor.content_hash)
+            buffer = StreamBuffer.new(*fresh, seed.descriptor.seed_id, seed.descriptor.content_hash,
+                                      PrivacyPolicy.load(root / POLICY_FILE).random_seed("buffer"))
         else:
             _settled(buffer, given)
             if seed_model and seed_model != buffer.seed_id:

@@ -17,9 +17,10 @@
     profile-delta      δ of one profile release
     epsilon-budget     the total ε the device will spend (participants.privacy_ledger); a release past it is refused
     report-metrics     the metric names its replies may carry (shell-style patterns); every other metric is dropped
-    pinned-seed        null: the profile noise and the share draw come from the OS's randomness, which the
-                       coordinator cannot know. A whole number pins them, for reproducible experiments only (the
-                       simulation harness pins each virtual device from the run's rng-seed)
+    pinned-seed        null: the profile noise, the share draw and the stream buffer's random seed come from
+                       the OS's randomness, which the coordinator cannot know. A whole number pins them, for
+                       reproducible experiments only (the simulation harness pins each virtual device from the
+                       run's rng-seed)
 
 The policy is the device's, never the coordinator's: no message can change it. Any key may be left out (it keeps
 its default); an unknown key, a value of the wrong kind or range, or keys that contradict each other stop the
@@ -49,7 +50,7 @@ DEFAULT_REPORTED = ("*-seconds", "*-tokens", "*-bytes", "num-examples", "history
                     "gates-received", "catalog-seeds", "own-residual", "lora-steps", "lora-loss-*", "seed-*",
                     "assembled-*", "share-ratio", "profile-epsilon", "profile-delta", "epsilon-spent")
 # "pieces-*" covers the share's DP-SGD figures too: pieces-epsilon, pieces-delta, pieces-noise-multiplier
-PURPOSES = {"profile": 1, "share": 2}  # what each pinned stream of randomness is for
+PURPOSES = {"profile": 1, "share": 2, "buffer": 3}  # what each pinned stream of randomness is for
 
 
 class PolicyError(ValueError):
@@ -141,7 +142,7 @@ class PrivacyPolicy:
     # --- randomness the coordinator cannot know -----------------------------------------------------------
 
     def rng(self, purpose: str) -> np.random.Generator:
-        """A generator for `purpose` ("profile", "share"): from the OS's randomness, or from pinned-seed."""
+        """A generator for `purpose` (one of PURPOSES): from the OS's randomness, or from pinned-seed."""
         if self.pinned_seed is None:
             return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
         return np.random.default_rng([self.pinned_seed, PURPOSES[purpose]])

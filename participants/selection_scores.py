@@ -23,7 +23,14 @@ Higher is better for all three. Choices the research note leaves open, stated he
   - IDD is a dissimilarity, 1 - mean cosine (the authors' code returns the mean cosine, the opposite of its
     name), and on centered embeddings: decoder hidden states share a large common direction, which makes raw
     cosines all nearly 1. μ is the running mean of E over the stream.
-  - An item is scored against the domains and μ as they stand when it arrives, then they learn from it.
+  - The domains and μ learn from an arriving item first, then it is scored against them; a stored item's scores are
+    measured again whenever the buffer compares it (participants.buffer_rules): IDD, and DSS with its dominant
+    domain (from its token states, kept with it). So every candidate of a comparison is measured against the same
+    domains and μ, which include all of them: scores taken against the domains of another time are not comparable
+    (the first item, scored before any domain existed, had r = 1 for ever), and an item outside μ looks more like
+    the others than the items inside it.
+  - The first item's DSS, against domains made of its own words alone, stays out of the running statistics the
+    z-scores come from.
 The authors' lexicon reader also kept only each file's last line; nothing here reads a lexicon.
 """
 
@@ -164,7 +171,7 @@ class StreamScorer:
                 closeness = (tokens @ unit(self.centroids).T).max(axis=1)
                 pick = int(closeness.argmin())
             if closeness is not None and closeness[pick] > 0.999:
-                return  # nothing in this item that the domains do not have yet
+                break  # nothing in this item that the domains do not have yet (it still updates them below)
             self.centroids = np.vstack([self.centroids, tokens[pick]])
             self.counts = np.append(self.counts, 1.0)
         nearest = (tokens @ unit(self.centroids).T).argmax(axis=1)

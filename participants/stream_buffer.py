@@ -3,13 +3,19 @@
 and the device's model writes pairs like each annotated item (participants.synthesis). What a sharer trains on is
 then the annotated items plus their kept pairs (`training_records`).
 
-It lives in the device folder as `buffer.json`: the items (their records, scores and embeddings, who annotated
-them and the kept pairs), the domains and running statistics the scores depend on, its settings, and the seed
-whose hidden states scored it. Durability: every change is a whole new file, written to a temp file, synced,
-renamed into place and the folder synced (protocols.files.write_atomic plus a directory fsync), under an
-exclusive lock (`buffer.lock`). A command that returned has its change on disk; a command killed before that
-leaves the file as it was. A file damaged on disk fails its SHA-256 (kept inside it) and is refused on start,
-saying what to do; the device never overwrites it.
+It lives in the device folder as `buffer.json`: the items (their records, scores, embeddings and token states,
+who annotated them and the kept pairs), the domains and running statistics the scores depend on, its settings,
+the seed whose hidden states scored it, and its random seed: 128 bits drawn from the OS when the buffer is created
+(or given, for a reproducible experiment), which the random rule draws from, so that every device samples its own
+positions of its stream and a replay after a restart decides the same. Format 1 files (before the random seed was
+the buffer's own, when every device used the setting rng-seed, 0 by default, and before items kept their token
+states) still load: that setting becomes their random seed, so their replay is unchanged, and their items keep
+the DSS they arrived with; they are written back as format 2.
+
+Durability: every change is a whole new file, written to a temp file, synced, renamed into place and the folder
+synced (protocols.files.write_atomic plus a directory fsync), under an exclusive lock (`buffer.lock`). A command
+that returned has its change on disk; a command killed before that leaves the file as it was. A file damaged on
+disk fails its SHA-256 (kept inside it) and is refused on start, saying what to do; the device never overwrites it.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from participants.buffer_rules import BufferItem, annotation_order, evict
+from participants.buffer_rules import BufferItem, annotation_order, current_domains, evict
 from participants.selection_scores import ItemFeatures, StreamScorer, Welford, embedding_entropy, in_domain_dissimilarity
 from participants.stream_settings import BufferSettings, SynthesisSettings
 from protocols.files import write_atomic
@@ -34,7 +41,8 @@ from protocols.records import PersonalRecord, parse_record
 
 BUFFER_FILE = "buffer.json"
 LOCK_FILE = "buffer.lock"
-FORMAT = "bouquet-buffer/1"
+FORMAT = "bouquet-buffer/2"
+FORMAT_1 = "bouquet-buffer/1"  # read only: rng_seed in its settings instead of its own random seed
 RECENT_BATCHES = 32  # digests of the latest added files, so that re-running an add whose reply was lost is a no-op
 
 
@@ -59,14 +67,21 @@ class StreamBuffer:
     seed_id: str
     seed_hash: str
     scorer: StreamScorer
+    random_seed: int  # the random rule's: the buffer's own (participants.buffer_rules)
     items: list[BufferItem] = field(default_factory=list)
     rounds: int = 0  # annotation rounds held
     kept: int = 0  # items that entered the buffer
     batches: list[str] = field(default_factory=list)  # digests of the latest added files
 
     @classmethod
-    def new(cls, settings: BufferSettings, synthesis: SynthesisSettings, seed_id: str, seed_hash: str):
-        return cls(settings, synthesis, seed_id, seed_hash, StreamScorer(settings.domains))
+    def new(cls, settings: BufferSettings, synthesis: SynthesisSettings, seed_id: str, seed_hash: str,
+            random_seed: int | None = None):
+        """An empty buffer; its random seed drawn from the OS unless given (a reproducible experiment)."""
+        if random_seed is None:
+            random_seed = secrets.randbits(128)
+        if not 0 <= random_seed < 1 << 128:
+            raise ValueError(f"a buffer's random seed is a whole number in [0, 2^128), got {random_seed}")
+        return cls(settings, synthesis, seed_id, seed_hash, StreamScorer(settings.domains), random_seed)
 
     @property
     def seen(self) -> int:
@@ -78,24 +93,31 @@ class StreamBuffer:
         """Score an arriving record and keep it or not; returns the index it got, or None when not kept. The
         scorer learns from every item, kept or not."""
         sc = self.scorer
+        # Learn first, then score: the arriving item and the stored ones it competes with are then measured against
+        # the same μ and domains, each of which includes all of them. Centered on a mean that held the stored items
+        # but not the new one, the stored ones looked unlike each other (by about 1/n in cosine) and the new one did
+        # not, so IDD favoured whatever filled the buffer first.
+        sc.learn(f)
         shares = sc.domain_shares(f.tokens)
         domain = int(shares.argmax())
         centered = sc.centered(f.embedding[None])[0]
-        bucket = [it.embedding for it in self.items if it.domain == domain]
+        domains, _ = current_domains(self.items, sc)
+        bucket = [it.embedding for it, d in zip(self.items, domains) if d == domain]
         idd = in_domain_dissimilarity(centered, sc.centered(np.stack(bucket)) if bucket else np.zeros((0, 1)))
-        item = BufferItem(record, sc.seen + 1, f.embedding.astype(np.float32), domain,
+        item = BufferItem(record, sc.seen, f.embedding.astype(np.float32), f.tokens.astype(np.float16), domain,
                           embedding_entropy(f.embedding, f.n_tokens), float(shares[domain]), idd,
                           annotation if record.output else None)
-        for k in ("eoe", "dss", "idd"):
+        # the stream's first item's DSS is against domains made of its own words alone, no measurement: it stays
+        # out of the statistics the z-scores come from
+        for k in ("eoe", "dss", "idd") if sc.seen > 1 else ("eoe", "idd"):
             sc.stats[k].add(getattr(item, k))
         if len(self.items) < self.settings.capacity:
             slot = len(self.items)
             self.items.append(item)
         else:
-            slot = evict(self.items, item, sc, self.settings)
+            slot = evict(self.items, item, sc, self.settings, self.random_seed)
             if slot is not None:
                 self.items[slot] = item
-        sc.learn(f)
         self.kept += slot is not None
         return slot
 
@@ -103,7 +125,7 @@ class StreamBuffer:
 
     def requests(self) -> list[BufferItem]:
         """This round's items to annotate: up to `budget` unannotated items, in the rule's order."""
-        order = annotation_order(self.items, self.scorer, self.settings, self.rounds + 1)
+        order = annotation_order(self.items, self.scorer, self.settings, self.rounds + 1, self.random_seed)
         return [self.items[i] for i in order[: self.settings.budget]]
 
     def find(self, user: str, item_id: str | None, input: str) -> BufferItem | None:
@@ -156,10 +178,11 @@ class StreamBuffer:
         return out
 
     def memory_bytes(self) -> dict[str, int]:
-        """What the buffer holds in memory: its items' text, their embeddings, and the scorer's state."""
+        """What the buffer holds in memory: its items' text, their embeddings and token states, and the scorer's
+        state."""
         text = sum(len(it.record.input.encode()) + len(it.record.output.encode()) for it in self.items)
         pairs = sum(len(p["input"].encode()) + len(p["output"].encode()) for it in self.items for p in it.synthetic)
-        emb = sum(it.embedding.nbytes for it in self.items)
+        emb = sum(it.embedding.nbytes + (it.tokens.nbytes if it.tokens is not None else 0) for it in self.items)
         sc = self.scorer
         state = (sc.centroids.nbytes if sc.centroids is not None else 0) + \
                 (sc.mean_embedding.nbytes if sc.mean_embedding is not None else 0)
@@ -172,6 +195,7 @@ class StreamBuffer:
         return {
             "settings": self.settings.to_json(), "synthesis": self.synthesis.to_json(),
             "seed": {"id": self.seed_id, "content-hash": self.seed_hash},
+            "random-seed": f"{self.random_seed:032x}",  # hex: 128 bits, beyond what many JSON readers keep exact
             "rounds": self.rounds, "kept": self.kept, "batches": self.batches,
             "scorer": {"seen": sc.seen, "dim": 0 if sc.mean_embedding is None else int(sc.mean_embedding.size),
                        "centroids": None if sc.centroids is None else _b64(sc.centroids, "<f8"),
@@ -179,8 +203,10 @@ class StreamBuffer:
                        "mean": None if sc.mean_embedding is None else _b64(sc.mean_embedding, "<f8"),
                        "stats": {k: [w.n, w.mean, w.m2] for k, w in sc.stats.items()}},
             "items": [{"record": json.loads(it.record.to_json()) | {"output": it.record.output}, "seq": it.seq,
-                       "embedding": _b64(it.embedding), "domain": it.domain, "eoe": it.eoe, "dss": it.dss,
-                       "idd": it.idd, "annotation": it.annotation, "synthetic": it.synthetic, "written": it.written}
+                       "embedding": _b64(it.embedding),
+                       "tokens": None if it.tokens is None else _b64(it.tokens, "<f2"), "domain": it.domain,
+                       "eoe": it.eoe, "dss": it.dss, "idd": it.idd, "annotation": it.annotation,
+                       "synthetic": it.synthetic, "written": it.written}
                       for it in self.items],
         }
 
@@ -194,14 +220,17 @@ class StreamBuffer:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise BufferDamaged(f"{where}: not valid JSON ({err})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise BufferDamaged(f"{where}: not a bouquet buffer file (format {doc.get('format')!r} where "
-                                f"{FORMAT!r} was expected)" if isinstance(doc, dict) else f"{where}: not a buffer file")
+        if not isinstance(doc, dict) or doc.get("format") not in (FORMAT, FORMAT_1):
+            raise BufferDamaged(f"{where}: not a bouquet buffer file this version reads (format "
+                                f"{doc.get('format')!r}; it reads {FORMAT!r} and {FORMAT_1!r}): if a newer bouquet "
+                                f"wrote it, use that one" if isinstance(doc, dict) else f"{where}: not a buffer file")
         state = doc.get("state")
         if not isinstance(state, dict) or doc.get("sha256") != _digest(state):
             raise BufferDamaged(f"{where}: its contents do not match the checksum written with them: the file was "
                                 f"changed or damaged on disk")
         try:
+            if doc["format"] == FORMAT_1:
+                state = _from_format_1(state)
             return cls._from_state(state)
         except (KeyError, TypeError, ValueError) as err:
             raise BufferDamaged(f"{where}: its contents are inconsistent ({type(err).__name__}: {err})") from None
@@ -224,14 +253,30 @@ class StreamBuffer:
             embedding = _array(raw["embedding"])
             if embedding.shape != (dim,) or not np.isfinite(embedding).all():
                 raise ValueError(f"item {n}'s embedding has {embedding.size} values, not {dim} finite ones")
-            items.append(BufferItem(record, int(raw["seq"]), embedding, int(raw["domain"]), float(raw["eoe"]),
+            tokens = None if raw["tokens"] is None else _array(raw["tokens"], None, "<f2")
+            if tokens is not None:
+                if tokens.size == 0 or tokens.size % dim or not np.isfinite(tokens).all():
+                    raise ValueError(f"item {n}'s token states are {tokens.size} values, not rows of {dim} finite ones")
+                tokens = tokens.reshape(-1, dim)
+            items.append(BufferItem(record, int(raw["seq"]), embedding, tokens, int(raw["domain"]), float(raw["eoe"]),
                                     float(raw["dss"]), float(raw["idd"]), raw["annotation"], list(raw["synthetic"]),
                                     int(raw["written"])))
         if len(items) > s.capacity:
             raise ValueError(f"{len(items)} items in a buffer of capacity {s.capacity}")
+        random_seed = int(state["random-seed"], 16)
+        if not 0 <= random_seed < 1 << 128:
+            raise ValueError(f"random seed {state['random-seed']!r} is not 128 bits")
         return cls(s, SynthesisSettings(**state["synthesis"]), str(state["seed"]["id"]),
-                   str(state["seed"]["content-hash"]), scorer, items, int(state["rounds"]), int(state["kept"]),
-                   [str(b) for b in state["batches"]])
+                   str(state["seed"]["content-hash"]), scorer, random_seed, items, int(state["rounds"]),
+                   int(state["kept"]), [str(b) for b in state["batches"]])
+
+
+def _from_format_1(state: dict) -> dict:
+    """A format 1 state as format 2: its settings' rng_seed becomes its random seed, so the random rule decides as
+    it did; its items have no token states, so they keep the domain and DSS they arrived with."""
+    settings = dict(state["settings"])
+    return state | {"settings": settings, "random-seed": f"{int(settings.pop('rng_seed')):032x}",
+                    "items": [raw | {"tokens": None} for raw in state["items"]]}
 
 
 def _digest(state: dict) -> str:

@@ -27,7 +27,6 @@ class BufferSettings:
     score_len: int = setting(128, "tokens of an item's prompt the device reads to score it (cut from the left)",
                              low=8)
     budget: int = setting(4, "items the owner annotates per annotation round", low=1)
-    rng_seed: int = setting(0, "the random seed of reservoir sampling", low=0)
 
     def __post_init__(self) -> None:
         check(self)

@@ -60,3 +60,27 @@ def test_a_buffers_adapter_trains_the_references_steps_or_lora_steps():
     assert few.reference_steps() == 5  # at least lora-steps, though one pass is 2 steps
     with pytest.raises(ValueError, match="buffer-training|buffer_training"):
         resolve_settings(buffer_training="epochs")
+
+
+def test_each_user_of_the_bench_samples_its_own_positions_reproducibly():
+    """Users whose streams hold the same items (styleqa's styles share their questions) get independent random
+    buffers, and a rerun gets the same ones."""
+    from participants.selection_scores import ItemFeatures
+    from protocols.records import PersonalRecord
+    from simulation.stream_bench import resolve_settings
+    from simulation.stream_bench.run import replay, user_random_seed
+    from simulation.user_data import UserData
+
+    rng = np.random.default_rng(0)
+    feats = []
+    for _ in range(40):
+        e = rng.normal(size=8).astype(np.float32)
+        feats.append(ItemFeatures(e, (e / np.linalg.norm(e))[None], 1))
+    s = resolve_settings(stream=40, buffer_sizes=(6,), rounds=2)
+    positions = {}
+    for name in ("style1-u0", "style2-u0", "style1-u0"):
+        user = UserData(name, [PersonalRecord(name, f"q {i}", f"a {i}", id=str(i)) for i in range(40)], [])
+        buffer = replay(user, feats, s, 6, "random", "tiny")
+        positions.setdefault(name, []).append(sorted(it.seq for it in buffer.annotated()))
+    assert positions["style1-u0"][0] == positions["style1-u0"][1] != positions["style2-u0"][0]
+    assert user_random_seed(0, "a") != user_random_seed(1, "a") and user_random_seed(0, "a") < 1 << 128

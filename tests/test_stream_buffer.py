@@ -36,9 +36,9 @@ def record(i: int, output: str = "") -> PersonalRecord:
     return PersonalRecord("u", f"question {i}", output, id=str(i))
 
 
-def new_buffer(**changes) -> StreamBuffer:
+def new_buffer(random_seed: int | None = 0, **changes) -> StreamBuffer:
     s = replace(BufferSettings(capacity=4, domains=2, budget=2), **changes)
-    return StreamBuffer.new(s, SynthesisSettings(pairs=0), "tiny-random", "hash")
+    return StreamBuffer.new(s, SynthesisSettings(pairs=0), "tiny-random", "hash", random_seed)
 
 
 def kept_ids(buffer: StreamBuffer) -> set[str]:
@@ -64,7 +64,7 @@ def test_reservoir_sampling_keeps_every_position_equally_often():
     rng, counts, n, runs = np.random.default_rng(0), np.zeros(20), 20, 400
     feats = [features(rng) for _ in range(n)]
     for seed in range(runs):
-        buffer = new_buffer(rule="random", rng_seed=seed)
+        buffer = new_buffer(rule="random", random_seed=seed)
         for i in range(n):
             buffer.offer(record(i), feats[i])
         for it in buffer.items:
@@ -73,12 +73,99 @@ def test_reservoir_sampling_keeps_every_position_equally_often():
     assert abs(share[:10].mean() - 0.2) < 0.04 and abs(share[10:].mean() - 0.2) < 0.04
 
 
+def test_devices_with_their_own_random_seeds_sample_and_annotate_different_positions():
+    """Two devices seeing the same stream: the random rule keeps and asks for different items on each (a seed
+    shared by every device, as rng-seed was, made them all annotate the same positions)."""
+    rng = np.random.default_rng(0)
+    feats = [features(rng) for _ in range(40)]
+    kept, asked = [], []
+    for seed in (1, 2):
+        buffer = new_buffer(rule="random", random_seed=seed, capacity=8, budget=3)
+        for i in range(40):
+            buffer.offer(record(i), feats[i])
+        kept.append(kept_ids(buffer))
+        asked.append([it.record.id for it in buffer.requests()])
+    assert kept[0] != kept[1] and asked[0] != asked[1]
+
+
+def test_a_new_buffer_draws_its_random_seed_from_the_os_and_keeps_it(tmp_path):
+    rng = np.random.default_rng(7)
+    feats = [features(rng) for _ in range(30)]
+    one, two = new_buffer(None, rule="random"), new_buffer(None, rule="random")
+    assert one.random_seed != two.random_seed and one.random_seed.bit_length() > 64
+    for i in range(15):
+        one.offer(record(i), feats[i])
+    save_buffer(tmp_path, one)
+    again = load_buffer(tmp_path)  # a restart: the same seed, so the rest of the stream is decided the same
+    assert again.random_seed == one.random_seed
+    for i in range(15, 30):
+        one.offer(record(i), feats[i])
+        again.offer(record(i), feats[i])
+    assert one.to_bytes() == again.to_bytes()
+    with pytest.raises(ValueError, match="128"):
+        new_buffer(1 << 128)
+
+
+def _as_format_1(buffer: StreamBuffer, rng_seed: int) -> bytes:
+    """The file an earlier bouquet wrote: rng_seed among its settings, no random seed of its own."""
+    from participants.stream_buffer import _digest
+
+    state = buffer.to_state()
+    del state["random-seed"]
+    state["settings"]["rng_seed"] = rng_seed
+    for item in state["items"]:
+        del item["tokens"]
+    return json.dumps({"format": "bouquet-buffer/1", "sha256": _digest(state), "state": state}).encode()
+
+
+def test_a_format_1_buffer_still_loads_and_decides_as_it_did_and_an_unknown_format_is_refused(tmp_path):
+    rng = np.random.default_rng(8)
+    feats = [features(rng) for _ in range(24)]
+    old = new_buffer(rule="random", random_seed=5)  # format 1 drew from (rng_seed, position): the same stream
+    for i in range(12):
+        old.offer(record(i), feats[i])
+    (tmp_path / "buffer.json").write_bytes(_as_format_1(old, 5))
+    loaded = load_buffer(tmp_path)
+    assert loaded.random_seed == 5 and loaded.settings == old.settings
+    for i in range(12, 24):
+        old.offer(record(i), feats[i])
+        loaded.offer(record(i), feats[i])
+    assert kept_ids(loaded) == kept_ids(old)
+    save_buffer(tmp_path, loaded)
+    assert json.loads((tmp_path / "buffer.json").read_bytes())["format"] == "bouquet-buffer/2"
+    doc = json.loads(_as_format_1(old, 5))
+    doc["format"] = "bouquet-buffer/9"
+    (tmp_path / "buffer.json").write_text(json.dumps(doc))
+    with pytest.raises(BufferDamaged, match="bouquet-buffer/9.*newer bouquet"):
+        load_buffer(tmp_path)
+
+
+def test_device_add_gives_each_device_its_own_random_seed_unless_its_policy_pins_it(tmp_path, tiny_seed):
+    from participants.device_stream import add_records
+
+    stream = _jsonl(tmp_path / "s.jsonl", [{"user": "u", "input": f"item {i}", "id": str(i)} for i in range(3)])
+    seeds = {}
+    for name, policy in (("a", None), ("b", None), ("c", 11), ("d", 11)):
+        device = tmp_path / name
+        device.mkdir()
+        if policy is not None:
+            (device / "policy.json").write_text(json.dumps({"pinned-seed": policy}))
+        add_records(device, stream, seed_model="tiny-random", loader=lambda *a: tiny_seed,
+                    given={"capacity": 2, "rule": "random", "pairs": 0})
+        seeds[name] = load_buffer(device).random_seed
+    assert seeds["a"] != seeds["b"] and seeds["c"] == seeds["d"] != seeds["a"]
+
+
 @pytest.mark.parametrize("rule, combine", [("sdss", "idd"), ("sdss", "zsum"), ("kcenter", "zsum")])
 def test_diversity_rules_keep_the_rare_items_a_run_of_near_copies_would_push_out(rule, combine):
     rng = np.random.default_rng(1)
     crowd = rng.normal(size=DIM)
     buffer = new_buffer(rule=rule, combine=combine, domains=1)
-    stream = [("rare", features(rng)) for _ in range(2)] + [("copy", features(rng, crowd, 0.05)) for _ in range(20)]
+    copies = [features(rng, crowd, 0.05) for _ in range(20)]
+    # the rare items' values are a copy's, reordered: the same embedding entropy, another direction (with one domain
+    # DSS is 1 for all), so only their dissimilarity sets them apart
+    rare = [ItemFeatures(rng.permutation(copies[k].embedding), copies[k].tokens, copies[k].n_tokens) for k in (0, 1)]
+    stream = [("rare", f) for f in rare] + [("copy", f) for f in copies]
     for i, (kind, f) in enumerate(stream):
         buffer.offer(PersonalRecord("u", kind, "", id=str(i)), f)
     assert {"0", "1"} <= kept_ids(buffer)  # fifo would have kept only copies
@@ -86,6 +173,24 @@ def test_diversity_rules_keep_the_rare_items_a_run_of_near_copies_would_push_out
     for i, (kind, f) in enumerate(stream):
         fifo.offer(PersonalRecord("u", kind, "", id=str(i)), f)
     assert not {"0", "1"} & kept_ids(fifo)
+
+
+def test_sdss_does_not_favour_the_items_that_came_first():
+    """On exchangeable streams an item's place must not decide whether sdss keeps it or asks for it first. Scored
+    once on arrival, the first item kept DSS = 1 (scored before any domain existed) and the buffer's first items
+    kept an IDD measured on a mean that held them but not the newcomers: the first item stayed in 58% of these
+    streams and was asked for first in 24% (a top-4 of 20 keeps each position in 20%, asks for it first in 5%)."""
+    rng, runs, n = np.random.default_rng(0), 100, 20
+    kept, asked_first = np.zeros(n), np.zeros(n)
+    for _ in range(runs):
+        buffer = new_buffer(rule="sdss", capacity=4, budget=2, domains=2)
+        for i in range(n):
+            buffer.offer(record(i), features(rng, n_tokens=int(rng.integers(4, 12))))
+        for it in buffer.items:
+            kept[int(it.record.id)] += 1 / runs
+        asked_first[int(buffer.requests()[0].record.id)] += 1 / runs
+    assert kept[0] < 0.35 and kept[:4].mean() < 0.32 and asked_first[0] < 0.12
+    assert abs(kept.sum() - 4) < 1e-9
 
 
 def test_sdss_lets_an_item_in_only_when_it_scores_higher_than_the_weakest():

@@ -176,7 +176,7 @@ def _markdown(report: dict) -> str:
                   f"backbone, then the sdss decision) {c['score_ms']:.1f} ms, of which the decision {c['offer_ms']:.2f} "
                   f"ms; one full forward pass of the same prompt (with the LM head) {c['forward_ms']:.1f} ms: "
                   f"{c['ratio_mean']:.2f}x on average, {c['ratio_max']:.2f}x at most."]
-    lines += ["", "## the buffer's memory", "", "| B | in memory (text, embeddings, scorer) | buffer.json | annotated |",
+    lines += ["", "## the buffer's memory", "", "| B | in memory (text, embeddings and token states, scorer) | buffer.json | annotated |",
               "|---|---|---|---|"]
     lines += [f"| {m['buffer']} | {m['memory_bytes'] / 1024:.1f} KiB | {m['file_bytes'] / 1024:.1f} KiB | "
               f"{m['annotated']:.1f} |" for m in report["memory"]]

@@ -8,7 +8,9 @@ buffer, exactly as `bouquet device add` offers them. Pairs are written once per 
 buffer that annotated it. Training on the same records for the same steps gives the same adapter, so identical
 training sets are trained once. The whole-stream reference makes full-epochs passes over the stream; a buffer's
 adapter trains as many steps (buffer-training reference-steps: the same compute, the data the only difference) or
-lora-steps. Rows go to results.jsonl a user at a time; a rerun with the same settings resumes.
+lora-steps. Rows go to results.jsonl a user at a time; a rerun with the same settings resumes. Each user's
+buffers get their own random seed, derived from (rng-seed, user), as each device draws its own: users whose streams
+hold the same items (styleqa's styles 1-8 share their questions) are sampled independently, and a rerun repeats.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def check_run_dir(out: Path, s: StreamBenchSettings) -> None:
     path.write_text(json.dumps(mine, indent=1))
 
 
+def user_random_seed(rng_seed: int, user: str) -> int:
+    """The 128-bit random seed of a user's buffers, from the run's rng-seed and the user's name."""
+    return int.from_bytes(hashlib.sha256(f"stream-buffer:{rng_seed}:{user}".encode()).digest()[:16], "big")
+
+
 def _key(records: list[PersonalRecord]) -> str:
     return hashlib.sha256("\x00".join(r.to_json() for r in records).encode()).hexdigest()
 
@@ -59,7 +66,8 @@ def scoring_cost(seed: LoadedSeed, user: UserData, s: StreamBenchSettings, feats
     """Milliseconds to score one arriving item (its forward pass through the backbone, then the sdss buffer's
     decision) against one full forward pass of the same prompt, one item at a time, on `timing_items` items."""
     items = user.history[: s.timing_items]
-    buffer = StreamBuffer.new(s.buffer(max(s.buffer_sizes), "sdss"), s.synthesis_settings(), "", "")
+    buffer = StreamBuffer.new(s.buffer(max(s.buffer_sizes), "sdss"), s.synthesis_settings(), "", "",
+                              user_random_seed(s.rng_seed, user.user))
     for rec, f in zip(user.history, feats):  # a buffer as full as it gets
         buffer.offer(replace(rec, output=""), f)
     item_features(seed, [items[0].input], s.score_len)  # warm-up
@@ -82,7 +90,8 @@ def scoring_cost(seed: LoadedSeed, user: UserData, s: StreamBenchSettings, feats
 def replay(user: UserData, feats, s: StreamBenchSettings, capacity: int, rule: str, seed_id: str) -> StreamBuffer:
     """The user's stream through one buffer, outputs hidden; each round the buffer's requests are answered with
     the true outputs (and nothing else is revealed)."""
-    buffer = StreamBuffer.new(s.buffer(capacity, rule), s.synthesis_settings(), seed_id, "")
+    buffer = StreamBuffer.new(s.buffer(capacity, rule), s.synthesis_settings(), seed_id, "",
+                              user_random_seed(s.rng_seed, user.user))
     truth = {r.id: r.output for r in user.history}
     n = len(user.history)
     ends = {round(n * k / s.rounds) for k in range(1, s.rounds + 1)}

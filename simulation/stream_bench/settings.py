@@ -79,8 +79,7 @@ class StreamBenchSettings(ParticipantSettings, SynthesisSettings):
 
     def buffer(self, capacity: int, rule: str) -> BufferSettings:
         return BufferSettings(capacity=capacity, rule=rule, combine=self.combine, domains=self.domains,
-                              score_len=self.score_len, budget=max(1, -(-capacity // self.rounds)),
-                              rng_seed=self.rng_seed)
+                              score_len=self.score_len, budget=max(1, -(-capacity // self.rounds)))
 
     def synthesis_settings(self) -> SynthesisSettings:
         return SynthesisSettings(**{f.name: getattr(self, f.name) for f in fields(SynthesisSettings)})
