@@ -2,20 +2,41 @@
 
 A sharer that sets `piece-epsilon` in its policy trains both phases as DP-SGD (Abadi et al. 2016):
 
-    each step   every history record joins the batch with probability q = batch-size / n (Poisson sampling)
+    each step   every history record joins the batch with probability q = dp-batch-size / n (Poisson sampling)
                 g_i = the gradient of record i's answer loss, clipped to ||g_i|| <= C (over all trained tensors)
                 g   = (Σ g_i + N(0, σ²C² I)) / (q n)            then the optimizer's step on g
 
-σ (the noise multiplier) is the smallest that keeps all the steps of both phases within (ε, δ) under Opacus's RDP
-accountant: the LoRA and its gates are one release. The privacy unit is one history record (add or remove one),
-the accountant's. The pieces are post-processing of that release, so the ε in each piece's metadata covers
-everything a sharer sends (A, B and gate). The noise and the sampling come from the OS's randomness, unless the
-policy pins them for an experiment.
+σ (the noise multiplier) is the smallest that keeps all the steps of both phases (dp-lora-steps of the LoRA, then
+gate-steps of its gates) within (ε, δ) under Opacus's RDP accountant: the LoRA and its gates are one release, and
+`run_dp_steps` counts every step it takes against the plan and refuses one more. The privacy unit is one history
+record (add or remove one), the accountant's. The pieces are post-processing of that release, so the ε in each
+piece's metadata covers everything a sharer sends (A, B and gate). The noise and the sampling come from the OS's
+randomness, unless the policy pins them for an experiment.
 
-DP-SGD trains with AdamW at the run's dp-lora-lr (10x lora-lr by default). Measured on a health-tweets account
-(16 records, 30 LoRA steps, ε = 8): held-out perplexity 28.6 for the seed, 1.37 without DP, and with DP-SGD 27.2 /
-23.4 / 10.5 at lr 1e-3 / 3e-3 / 1e-2, diverging at 3e-2; training B alone over a frozen random A (FFA-LoRA) did
-worse (15.6 at 1e-2, 13.2 at 2e-2), so both A and B train.
+What keeps utility is records. The noise on a step's mean gradient is σC/(qn) on each of the LoRA's 0.92 M
+parameters (rank 8 on q, k, v, o of SmolLM2-135M); at a fixed ε, σ grows about as q·√T, so the noise a run
+accumulates against its signal, σ/(qn√T), falls as 1/n and moves little with the steps T or the batch qn (at
+ε = 8: 0.062 for n = 16 in 18 steps of 4; for n = 64, 0.0138 in 30 steps of 16, 0.0129 in 42, 0.0117 in 18 steps
+of 32). A device should train on all the records it holds; past that, the optimizer needs its steps (below: 12
+steps of 32 learned less than 24 of 16, and 36 of 16 more, at about the same noise). Per-record gradient norms
+at the LoRA's start are 1.1-4.7 (medians 1.4-2.9 over three health-tweet accounts), above C = 1: every record
+is clipped to the same weight, and AdamW, blind to the gradient's
+scale, makes C's value matter little. Where the noise dominates, AdamW's step is SGD's at a fixed rate; momentum SGD
+did no better. Measured at ε = 8 (δ 1e-5, C = 1, 6 gate steps counted), the sharer's own adapter on its 16
+held-out records (perplexity; cnnhealth: seed 12.32, no DP 4.80 at lora-steps 12 of batch 4; bbchealth: 28.98 and
+3.14):
+
+    records  DP steps x expected batch   optimizer, lr       cnnhealth  bbchealth
+    16       12 x 4                      AdamW 1e-2            11.03      16.46
+    64       24 x 16                     AdamW 1e-2             6.82       5.92
+    64       24 x 16                     AdamW 2e-2 / 5e-3   7.89 / 8.65
+    64       24 x 16                     SGD 1.3e-2, m 0.9      8.69
+    64       12 x 32                     AdamW 1e-2             7.27
+    64       36 x 16                     AdamW 1e-2             5.97
+
+The default is dp-lora-steps 24 of expected batch 16 at dp-lora-lr 1e-2 (each record drawn about 6 times at
+n = 64), the setting the 4-user audit in the README ran at; 36 steps did better on cnnhealth and is the next
+to audit over 16 users.
 
 Centroid gates (participants.feature_gates) are not trained but released once: the sum over every record of its
 answer features, each record's clipped to C, plus N(0, σ²C² I), at the same σ. The accountant composes that
