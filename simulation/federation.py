@@ -35,7 +35,7 @@ from participants.privacy_ledger import LEDGER_FILE
 from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
 from protocols.identity import key_id, load_or_create_key, public_bytes
 from simulation.datasets import write_user_files
-from simulation.user_data import UserData
+from simulation.user_data import UserData, folder_name
 from simulation.settings import SimulateSettings
 
 log = logging.getLogger("bouquet")
@@ -147,6 +147,6 @@ def collect_adapters(run_dir: Path, mapping: dict[int, str]) -> None:
     for pid, user in mapping.items():
         src = run_dir / "devices" / str(pid) / "adapter"
         if src.is_dir():
-            dst = run_dir / "adapters" / user
+            dst = run_dir / "adapters" / folder_name(user)
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst)

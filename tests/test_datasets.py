@@ -224,3 +224,14 @@ def test_write_user_files_round_trips(personal_file, tmp_path):
     write_user_files(alice, tmp_path / "alice")
     assert load_records(tmp_path / "alice" / "history.jsonl") == alice.history
     assert load_records(tmp_path / "alice" / "test.jsonl") == alice.test
+
+
+def test_user_names_become_one_safe_folder_name():
+    from simulation.user_data import folder_name
+
+    assert folder_name("bbchealth") == "bbchealth" and folder_name("style0-u1") == "style0-u1"
+    names = ["hamlet/Ham", "hamlet_Ham", "../escape", "..", "a b\\c", ""]
+    folders = [folder_name(n) for n in names]
+    assert len(set(folders)) == len(names)  # no two names share a folder
+    for f in folders:
+        assert f and "/" not in f and "\\" not in f and not f.startswith(".")

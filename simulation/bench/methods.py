@@ -43,7 +43,7 @@ from simulation.bench.oppu_tuning import tune_private_lora
 from simulation.bench.settings import BenchSettings
 from simulation.bench.sharers import share_seed
 from simulation.fidelity import FidelityJudge
-from simulation.user_data import UserData
+from simulation.user_data import UserData, folder_name
 
 Weights = dict[str, tuple[np.ndarray, np.ndarray]]
 BASE = "base"  # the label of --seed-model in selections and rows
@@ -84,7 +84,7 @@ class Bench:
     label: str = BASE  # the seed's catalog name, or "base"
 
     def adapter_dir(self, target: str, method: str) -> Path:
-        return self.out / "adapters" / target / method
+        return self.out / "adapters" / folder_name(target) / method
 
     def shared(self, n_sharers: int, share_ratio: float) -> list[Piece]:
         """The pool the first n sharers would make when asked for this share ratio, each sending what its policy

@@ -20,7 +20,7 @@ from participants.sharing import train_and_share
 from protocols.files import write_json
 from protocols.pieces import Piece
 from protocols.settings import ParticipantSettings
-from simulation.user_data import UserData
+from simulation.user_data import UserData, folder_name
 
 
 def sharer_key(s: ParticipantSettings, user: str) -> Ed25519PrivateKey:
@@ -46,7 +46,7 @@ def prepare_sharers(seed: LoadedSeed, s: ParticipantSettings, sharers: list[User
             if u.user not in stats:
                 result = train_and_share(seed, u.history, sent, sharer_key(s, u.user), share_seed(s, i), who=u.user,
                                          dp=dp)
-                device = out / "devices" / u.user
+                device = out / "devices" / folder_name(u.user)
                 device.mkdir(parents=True, exist_ok=True)
                 for p in result.pieces:
                     (device / f"{p.piece_id}.safetensors").write_bytes(p.to_bytes())
@@ -68,7 +68,8 @@ def prepare_sharers(seed: LoadedSeed, s: ParticipantSettings, sharers: list[User
 
 def device_pieces(out: Path, user: str) -> list[Piece]:
     """A sharer's full adapter as pieces, read back from its device folder, in position order."""
-    files = sorted((out / "devices" / user).glob("*.safetensors"))
+    folder = out / "devices" / folder_name(user)
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{out / 'devices' / user} holds no pieces; remove {user} from sharers.json to retrain")
+        raise FileNotFoundError(f"{folder} holds no pieces; remove {user} from sharers.json to retrain")
     return sorted((Piece.from_bytes(f.read_bytes()) for f in files), key=lambda p: p.position)
