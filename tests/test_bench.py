@@ -17,7 +17,7 @@ from simulation.bench import run as bench_run
 from simulation.bench import seeds as bench_seeds
 from simulation.bench.methods import Bench
 from simulation.bench.run import run_bench
-from simulation.bench.settings import METHODS, BenchSettings, resolve_settings
+from simulation.bench.settings import METHODS, BenchSettings, check_run_dir, resolve_settings
 from simulation.bench.sharers import device_pieces, prepare_sharers
 from simulation.bench.sweeps import sweep_values
 from simulation.bench.users import split_users
@@ -115,6 +115,22 @@ def test_a_rerun_recomputes_nothing_and_other_settings_are_refused(bench):
     assert (out / "results.jsonl").read_text() == before
     with pytest.raises(ValueError, match="other settings.*lora_steps: 4 there, 5 now"):
         run_bench(replace(settings, lora_steps=5), out)
+
+
+def test_a_rerun_may_change_only_settings_no_stored_result_read(tmp_path):
+    ran = BenchSettings(methods=("seed", "perpcs"), zo_lr=0.04, rag_k=4)
+    check_run_dir(tmp_path, ran)
+    # no zeroth-order method or rag ran there: their settings are free, and the new ones are recorded
+    check_run_dir(tmp_path, replace(ran, methods=("perpcs", "perpcs+zo"), zo_lr=0.01, rag_k=2))
+    assert json.loads((tmp_path / "settings.json").read_text())["zo_lr"] == 0.01
+    # now perpcs+zo's results depend on zo-lr
+    with pytest.raises(ValueError, match="zo_lr: 0.01 there, 0.02 now"):
+        check_run_dir(tmp_path, replace(ran, zo_lr=0.02))
+    # a zeroth-order trainer reads them for every method
+    other = tmp_path / "zo"
+    check_run_dir(other, replace(ran, trainer="zeroth-order"))
+    with pytest.raises(ValueError, match="zo_lr"):
+        check_run_dir(other, replace(ran, trainer="zeroth-order", zo_lr=0.02))
 
 
 def test_a_changed_judge_rescores_the_stored_generations_without_rerunning(bench):

@@ -69,6 +69,19 @@ class BenchSettings(ParticipantSettings, UserSettings):
 
     # what a run directory written before a setting existed ran with, where that is not today's default
     RAN_BEFORE: ClassVar[dict] = {"max_share_ratio": 1.0}
+    # settings that only these methods read (the zeroth-order ones also whenever the run's trainer is not AdamW)
+    USED_ONLY_BY: ClassVar[dict] = {"ft_steps": ("perpcs+ft", "perpcs+zo"), "lorahub_steps": ("lorahub",),
+                                    "rag_k": ("rag", "perpcs+rag")} | {
+        k: ("perpcs+zo",) for k in ("zo_eps", "zo_lr", "zo_gate_lr", "zo_perturbations", "zo_schedule", "zo_factors",
+                                    "zo_step_factor")}
+
+    @classmethod
+    def unused_by(cls, run: dict) -> set[str]:
+        """The settings no result of a run with these settings (a settings.json) depends on: a rerun may change
+        them, e.g. add perpcs+zo with other zero-order settings to a run that had no zeroth-order method."""
+        methods = set(run.get("methods", ()))
+        unused = {k for k, users in cls.USED_ONLY_BY.items() if not methods & set(users)}
+        return unused if run.get("trainer", "adamw") == "adamw" else {k for k in unused if not k.startswith("zo_")}
 
     def __post_init__(self) -> None:
         if self.ft_steps is None:
@@ -114,14 +127,16 @@ def resolve_settings(preset: str | None = None, **flags) -> BenchSettings:
 
 def check_run_dir(out: Path, settings, may_grow: tuple[str, ...] = ("sweep", "methods")) -> None:
     """Record the settings in out/settings.json, or refuse when the run there used other ones (those named in
-    `may_grow`, lists of sweep points, may differ: a rerun adds points). `settings`: a settings dataclass with
+    `may_grow`, lists of sweep points, may differ: a rerun adds points; so may those the settings class says no result
+    there depends on, its `unused_by`). `settings`: a settings dataclass with
     to_json(), such as BenchSettings."""
     path = out / "settings.json"
     mine = settings.to_json()
     if path.exists():
         # settings added since: their defaults, or what runs from before them did
         theirs = type(settings)().to_json() | getattr(settings, "RAN_BEFORE", {}) | json.loads(path.read_text())
-        differ = sorted(k for k in mine.keys() | theirs.keys() if k not in may_grow and mine.get(k) != theirs.get(k))
+        free = set(may_grow) | (settings.unused_by(theirs) if hasattr(settings, "unused_by") else set())
+        differ = sorted(k for k in mine.keys() | theirs.keys() if k not in free and mine.get(k) != theirs.get(k))
         if differ:
             changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
             raise ValueError(f"{out} holds a bench run with other settings ({changes}); rerun with the same "
