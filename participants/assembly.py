@@ -42,6 +42,7 @@ class AssemblySettings:
     batch_size: int = ParticipantSettings.assembly_batch_size
     max_len: int = ParticipantSettings.max_len
     mix: str = ParticipantSettings.mix  # "ab": A and B averaged separately; "dw": the updates B A averaged
+    scale: float = ParticipantSettings.mix_scale  # on the mixed update: a mean of pieces is shorter than each
 
 
 @dataclass
@@ -156,8 +157,10 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
             if settings.mix == "dw":  # sum_j w_j B_j A_j x: each piece's own update, no cross terms B_i A_j
                 piece_weights[pos][top] += w
                 xa = torch.einsum("btd,nrd->btnr", x, cand.A[top].to(x.dtype))
-                return out + torch.einsum("btnr,nor,n->bto", xa, cand.B[top].to(x.dtype), w.to(x.dtype))
+                return out + torch.einsum("btnr,nor,n->bto", xa, cand.B[top].to(x.dtype),
+                                          (settings.scale * w).to(x.dtype))
             A, B = mixed_factors(cand.A[top], cand.B[top], w, "ab")
+            B = settings.scale * B
             sums[pos][0] = sums[pos][0] + A
             sums[pos][1] = sums[pos][1] + B
             return out + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
@@ -180,7 +183,8 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
             h.remove()
     n = len(hist)
     if settings.mix == "dw":
-        result.weights = {pos: _low_rank(positions[pos].A, positions[pos].B, piece_weights[pos] / n, result.rank)
+        result.weights = {pos: _low_rank(positions[pos].A, positions[pos].B, settings.scale * piece_weights[pos] / n,
+                                         result.rank)
                           for pos in positions}
     else:
         result.weights = {pos: ((a / n).cpu().numpy(), (b / n).cpu().numpy()) for pos, (a, b) in sums.items()}
@@ -238,13 +242,14 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed
         idx = rng.choice(len(ps), size=k, replace=False)
         w = np.exp(rng.standard_normal(k) / settings.temperature).astype(np.float32)
         w /= w.sum()
+        choices[pos] = [(ps[i].piece_id, float(wi)) for i, wi in zip(idx, w)]
         if settings.mix == "dw":
             A = torch.from_numpy(np.stack([ps[i].A for i in idx]).astype(np.float32))
             B = torch.from_numpy(np.stack([ps[i].B * np.float32(ps[i].scaling) for i in idx]).astype(np.float32))
-            weights[pos] = _low_rank(A, B, torch.from_numpy(w), rank * settings.top_k)
+            weights[pos] = _low_rank(A, B, torch.from_numpy(w * np.float32(settings.scale)), rank * settings.top_k)
         else:
             weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
-                            sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling) for wi, i in zip(w, idx)))
-        choices[pos] = [(ps[i].piece_id, float(wi)) for i, wi in zip(idx, w)]
+                            np.float32(settings.scale) * sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling)
+                                                             for wi, i in zip(w, idx)))
     return Assembly(weights=weights, rank=rank * settings.top_k if settings.mix == "dw" else rank,
                     choices=[choices])

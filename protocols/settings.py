@@ -144,6 +144,9 @@ class ParticipantSettings:
     mix: str = setting("dw", "how the chosen pieces of a position mix: dw (the updates B A averaged, kept exactly "
                              "at rank top-k x lora-rank; the default) or ab (A and B averaged separately, as "
                              "Per-Pcs; cross terms B_i A_j that no sharer trained)", choices=("dw", "ab"))
+    mix_scale: float = setting(1.0, "factor on the assembled update (scale x the mix): a weighted mean of "
+                                    "independently trained pieces is shorter than each, as their own directions "
+                                    "partly cancel", low=0, low_open=True, high=4)
     shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
                              low=1)
     gate_records: int = setting(0, "history items a newcomer scores the pool's gates on before choosing what to "

@@ -149,3 +149,22 @@ def test_saved_adapter_is_a_peft_folder_with_the_same_outputs(tiny_seed, make_re
     weights, rank, alpha = load_peft_adapter(folder)
     assert rank == result.rank == (4 if mix == "ab" else 8) and alpha == result.alpha
     assert sorted(weights) == sorted(result.weights)
+
+
+@pytest.mark.parametrize("mix", ["ab", "dw"])
+def test_mix_scale_multiplies_the_assembled_update_and_keeps_the_choice(tiny_seed, make_records, key, mix):
+    rng = np.random.default_rng(5)
+    history = make_records("n", "ZAP", 4)
+    pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(4)]
+
+    def update(assembly):
+        A, B = assembly.weights[Q0]
+        return B @ A
+
+    plain = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, mix=mix))
+    scaled = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, mix=mix, scale=1.5))
+    assert scaled.choices == plain.choices  # layer 0's q_proj is scored before any update acts on it
+    np.testing.assert_allclose(update(scaled), 1.5 * update(plain), rtol=1e-4, atol=1e-6)
+    rnd = [random_assembly(pieces, AssemblySettings(top_k=2, mix=mix, scale=s), rng_seed=1) for s in (1.0, 0.5)]
+    assert rnd[0].choices == rnd[1].choices
+    np.testing.assert_allclose(update(rnd[1]), 0.5 * update(rnd[0]), rtol=1e-4, atol=1e-6)
