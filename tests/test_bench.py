@@ -42,7 +42,7 @@ def tiny_settings(root, **changes) -> BenchSettings:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    settings = tiny_settings(root, sweep=("top-k", "history"))
+    settings = tiny_settings(root, sweep=("top-k", "history", "mix-scale"))
     out = root / "out"
     return out, settings, run_bench(settings, out)
 
@@ -54,7 +54,7 @@ def method_rows(report):
 def test_every_method_has_a_finite_row_per_target_and_the_report_is_written(bench):
     out, _, report = bench
     for name in ("report.json", "report.md", "quality_vs_cost.png", "per_user_perplexity.png", "sweep_top-k.png",
-                 "sweep_history.png", "settings.json", "sharers.json"):
+                 "sweep_history.png", "sweep_mix-scale.png", "settings.json", "sharers.json"):
         assert (out / name).is_file(), name
     rows = method_rows(report)
     assert sorted((r["target"], r["method"]) for r in rows) == sorted(
@@ -104,6 +104,9 @@ def test_sweep_points_at_the_run_settings_reproduce_perpcs(bench):
     sweeps = report["sweeps"]
     assert [p["value"] for p in sweeps["top-k"]] == sweep_values("top-k", settings)
     assert {p["value"]: p["perplexity"] for p in sweeps["top-k"]}[settings.top_k] == pytest.approx(perpcs, rel=1e-6)
+    assert {p["value"]: p["perplexity"] for p in sweeps["mix-scale"]}[settings.mix_scale] == pytest.approx(perpcs,
+                                                                                                          rel=1e-6)
+    assert len({p["perplexity"] for p in sweeps["mix-scale"]}) == len(sweeps["mix-scale"])  # the scale acts
     assert sweeps["history"][-1]["value"] == settings.history
     assert sweeps["history"][-1]["perplexity"] == pytest.approx(perpcs, rel=1e-6)
 

@@ -20,7 +20,7 @@ from simulation.settings import UserSettings, is_styleqa
 METHODS = ("seed", "oppu", "oppu-tuned", "retrieval", "rag", "random", "lorahub", "perpcs", "perpcs+rag", "perpcs+ft",
            "perpcs+zo")
 FOLD_METHODS = ("seed", "oppu", "retrieval", "random", "perpcs")  # the medium preset leaves out perpcs+ft
-SWEEPS = ("share-ratio", "top-k", "sharers", "history")  # named by the setting each changes
+SWEEPS = ("share-ratio", "top-k", "sharers", "history", "mix-scale")  # named by the setting each changes
 # Sized to finish in under 30 minutes on 2 CPU cores with SmolLM2-135M: a LoRA step at 4 x 96 tokens
 # takes about 1.5 s there, a forward pass about 0.5 s, greedy generation about 15 tokens/s batched 8.
 PRESETS: dict[str, dict[str, dict]] = {

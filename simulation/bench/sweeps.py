@@ -1,4 +1,5 @@
-"""Sweeps: Per-Pcs with one setting changed at a time (share ratio, top-k, sharers, history), perplexity only."""
+"""Sweeps: Per-Pcs with one setting changed at a time (share ratio, top-k, sharers, history, mix scale), perplexity
+only."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ def sweep_values(name: str, s: BenchSettings) -> list:
     # share ratios beyond what the sharers' policy sends would repeat its cap: --max-share-ratio 1 to see them
     ratios = sorted({r for r in (0.25, 0.5, 0.75, 1.0) if r <= s.max_share_ratio} | {s.max_share_ratio})
     return {"share-ratio": ratios, "top-k": sorted(set(_doublings(s.sharers)) | {s.top_k}),
-            "sharers": _doublings(s.sharers), "history": _doublings(s.history)}[name]
+            "sharers": _doublings(s.sharers), "history": _doublings(s.history),
+            "mix-scale": sorted({0.5, 1.0, 1.5, 2.0, s.mix_scale})}[name]
 
 
 def sweep_point(b: Bench, name: str, value, targets: list[UserData]) -> dict:
     """Per-Pcs with one setting changed, perplexity only, averaged over the targets."""
-    s = replace(b.s, top_k=value, shortlist=max(b.s.shortlist, value)) if name == "top-k" else b.s
+    s = {"top-k": lambda: replace(b.s, top_k=value, shortlist=max(b.s.shortlist, value)),
+         "mix-scale": lambda: replace(b.s, mix_scale=value)}.get(name, lambda: b.s)()
     candidates = b.shared(value if name == "sharers" else len(b.sharers),
                           value if name == "share-ratio" else b.s.share_ratio)
     per_target, tokens, downloaded = {}, [], []
