@@ -33,7 +33,6 @@ class LoraSettings:
     max_len: int = ParticipantSettings.max_len
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.05
-    factors: str = "AB"  # or "B": A stays at its random start and only B trains (LoRA-FA; FFA-LoRA under DP)
     seed: int = ParticipantSettings.rng_seed
     trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
     zeroth_order: ZerothOrderSettings = field(default_factory=lambda: _zeroth_order_defaults())
@@ -89,9 +88,6 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         layers = _lora_layers(model)
         if init is not None:
             _load_weights(layers, init, settings.rank, seed.device)
-        if settings.factors == "B":
-            for layer in layers.values():
-                layer.lora_A["default"].weight.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))

@@ -124,9 +124,6 @@ class ParticipantSettings:
                                  low=1)
     dp_batch_size: int = setting(16, "the expected Poisson batch (records) of DP-SGD's steps, LoRA and gates: the "
                                      "noise on a step's mean gradient falls as the batch grows", low=1)
-    dp_factors: str = setting("AB", "what DP-SGD trains of the private LoRA: AB, or B alone with A frozen at its "
-                                    "random start (FFA-LoRA, Sun et al. 2024): half the parameters to noise",
-                              choices=("AB", "B"))
     gate_steps: int = setting(30, "gate training steps per sharer, for lm and contrast gates (0: lm gates stay at "
                                     "zero)", low=0)
     gate_lr: float = setting(5e-3, "gate learning rate", low=0, low_open=True)

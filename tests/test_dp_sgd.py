@@ -102,19 +102,6 @@ def test_a_dp_share_with_centroid_gates_keeps_the_centroid_objective_within_its_
     assert np.linalg.norm(gate) > 1e-3 and not np.allclose(gate, exact)
 
 
-def test_dp_factors_b_keeps_a_at_its_start_and_noises_only_b(tiny_seed):
-    settings = replace(TINY_SHARE, dp_factors="B")
-    first, second = (train_and_share(tiny_seed, records(), settings, new_key(), share_seed=s, dp=DpSgd(4.0))
-                     for s in (3, 4))
-    assert 3.8 <= first.epsilon <= 4.0
-    for p, q in zip(first.pieces, second.pieces):  # other batches and noise: the same A (the seeded start), other B
-        np.testing.assert_array_equal(p.A, q.A)
-        assert not np.allclose(p.B, q.B)
-    both = train_and_share(tiny_seed, records(), replace(settings, dp_factors="AB"), new_key(), share_seed=3,
-                           dp=DpSgd(4.0))
-    assert not np.allclose(both.pieces[0].A, first.pieces[0].A)
-
-
 @pytest.mark.parametrize("kwargs, words", [({"epsilon": 0}, "epsilon"), ({"epsilon": float("inf")}, "epsilon"),
                                            ({"epsilon": 1, "delta": 1}, "delta"),
                                            ({"epsilon": 1, "clip_norm": -1}, "clip norm")])
