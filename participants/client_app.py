@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from participants.adapters import branches
 from participants.device import Device
-from participants.device_privacy import release_profile, report_allowed_metrics, share_request
+from participants.device_privacy import release_profile, report_allowed_metrics, share_history, share_request
 from participants.error_replies import plain_errors
 from participants.evaluation import evaluate
 from participants.newcomer import assemble_pieces, shortlist_pieces
@@ -108,7 +108,7 @@ def share(msg: Message, context: Context) -> Message:
     """Train a private LoRA and its gates, cut into signed pieces, send back a share of them."""
     s, device = _request(msg, context)
     s, share_seed, dp = share_request(device, s)  # the policy's share ratio and randomness, or its refusal
-    history = device.history()
+    history = share_history(device, dp)
     seed = _seed(msg, s, device)
     s = fit_trainer(seed, s, device.limits().memory_mib)  # the trainer that fits the device's memory, or a refusal
     result = train_and_share(seed, history, s, device.key(), share_seed, dp=dp)

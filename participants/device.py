@@ -58,16 +58,17 @@ class Device:
         raise RuntimeError("this node has no device folder: start the SuperNode with "
                            "--node-config \"device-dir='/path/to/device'\" (a folder holding history.jsonl)")
 
-    def history(self) -> list[PersonalRecord]:
+    def history(self, with_synthetic: bool = True) -> list[PersonalRecord]:
         """The records it trains on: its buffer's annotated items and kept pairs when it has a buffer, else
-        history.jsonl."""
+        history.jsonl. `with_synthetic=False` leaves the written pairs out (what a DP release may count: a pair
+        derives from an owner's record, so with it that record would count more than once)."""
         buffer = load_buffer(self.root)
         if buffer is None:
             if not (self.root / "history.jsonl").exists():
                 raise FileNotFoundError(f"{self.root} holds neither history.jsonl nor a stream buffer: give it "
                                         f"records (`bouquet device init --data FILE` or `bouquet device add`)")
             return load_records(self.root / "history.jsonl")
-        records = buffer.training_records()
+        records = buffer.training_records(with_synthetic)
         if not records:
             raise RuntimeError(f"{self.root}'s buffer holds no annotated item yet: annotate some first "
                                f"(`bouquet device annotate {self.root} --ask`)")

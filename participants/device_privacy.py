@@ -5,6 +5,7 @@
     share_request        the share a request gets: refused when the policy does not share or shared too recently,
                          else min(requested, max-share-ratio), drawn with the policy's randomness, and the
                          DP-SGD it is trained with (its ε spent in the ledger first)
+    share_history        what a share trains on: under DP-SGD the owner's records without the pairs written from them
     report_allowed_metrics
                          a Flower mod: every reply's metrics cut down to the policy's report-metrics
 """
@@ -19,13 +20,16 @@ from participants.device import Device
 from participants.dp_sgd import DpSgd
 from participants.profile import ProfileRelease, noised_profile
 from protocols import messages as M
+from protocols.records import PersonalRecord
 from protocols.settings import ParticipantSettings
 
 
 def release_profile(device: Device) -> tuple[ProfileRelease, dict]:
     """The profile this device may release now, and the metrics that say what it cost."""
     policy = device.policy()
-    history = device.history()  # a device that cannot read its data spends nothing
+    # its own records only: a written pair repeats a record, which (ε, δ) per record does not cover; a device
+    # that cannot read its data spends nothing
+    history = device.history(with_synthetic=False)
     spent = device.ledger().spend("profile", policy.profile_epsilon, policy.profile_delta, policy.epsilon_budget)
     release = noised_profile(history, rng=policy.rng("profile"), clip_norm=policy.profile_clip_norm,
                              epsilon=policy.profile_epsilon, delta=policy.profile_delta)
@@ -44,6 +48,12 @@ def share_request(device: Device, s: ParticipantSettings) -> tuple[ParticipantSe
         ledger.spend("pieces", dp.epsilon, dp.delta, policy.epsilon_budget)
     ledger.record_share(policy.min_hours_between_shares)
     return replace(s, share_ratio=ratio), policy.random_seed("share"), dp
+
+
+def share_history(device: Device, dp: DpSgd | None) -> list[PersonalRecord]:
+    """What a share trains on. Under DP-SGD the owner's own records only: the pairs the device's model wrote from a
+    record would let that record count more than once, and the ε is per record."""
+    return device.history(with_synthetic=dp is None)
 
 
 def report_allowed_metrics(msg: Message, context: Context, call_next) -> Message:

@@ -352,6 +352,37 @@ def test_annotation_rounds_and_a_sharer_training_on_the_buffer(tmp_path, tiny_se
     assert sorted(r.output for r in history) == sorted(f"reply {r.id}" for r in asked)
 
 
+
+def test_a_dp_share_and_the_profile_count_only_the_owners_records_not_the_pairs_written_from_them(tmp_path,
+                                                                                                 tiny_seed):
+    """A written pair derives from one of the owner's records: in a DP release it would count that record twice,
+    beyond what the per-record ε covers. Without DP a share trains on the pairs too."""
+    from participants.device_privacy import release_profile, share_history
+    from participants.device_stream import add_records, annotate, annotation_ask
+    from participants.dp_sgd import DpSgd
+
+    device = tmp_path / "dev"
+    device.mkdir()
+    stream = _jsonl(tmp_path / "s.jsonl", [{"user": "u", "input": f"item {i} " * (i + 1), "id": str(i)}
+                                           for i in range(4)])
+    add_records(device, stream, seed_model="tiny-random", loader=lambda *a: tiny_seed,
+                given={"capacity": 4, "budget": 2, "pairs": 0})
+    asked = annotation_ask(device)
+    answers = _jsonl(tmp_path / "a.jsonl", [json.loads(replace(r, output=f"reply {r.id}").to_json()) for r in asked])
+    annotate(device, answers, by="alice", loader=lambda *a: tiny_seed)
+    buffer = load_buffer(device)
+    for n, item in enumerate(buffer.annotated()):  # as if the model had written and kept two pairs for each
+        item.synthetic = [{"input": f"new question {n}.{k}", "output": f"written answer {n}.{k}"} for k in range(2)]
+    save_buffer(device, buffer)
+    own = {f"reply {r.id}" for r in asked}
+    dev = Device(device)
+    assert len(dev.history()) == 6 and {r.output for r in dev.history(with_synthetic=False)} == own
+    assert len(share_history(dev, None)) == 6
+    assert {r.output for r in share_history(dev, DpSgd(8.0, 1e-5, 1.0))} == own
+    release, _ = release_profile(dev)
+    assert release.count == 2
+
+
 KILLER = """
 import os, sys, time
 from pathlib import Path
