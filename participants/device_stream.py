@@ -16,12 +16,13 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from participants.lora_training import LoraSettings
 from participants.privacy_policy import POLICY_FILE, PrivacyPolicy
 from participants.seed_loading import LoadedSeed, load_seed
 from participants.selection_scores import item_features
 from participants.stream_buffer import RECENT_BATCHES, StreamBuffer, load_buffer, locked, save_buffer
 from participants.stream_settings import BufferSettings, SynthesisSettings
-from participants.synthesis import synthesize
+from participants.synthesis import synthesize, writer_adapter
 from protocols.records import PersonalRecord, load_records
 from protocols.settings import key
 
@@ -138,9 +139,18 @@ def annotate(root: str | Path, answers: str | Path, *, by: str, loader=load_seed
         if buffer is None:
             raise FileNotFoundError(f"{root} has no buffer yet; add records with `bouquet device add`")
         seed = _seed_for(buffer, loader) if buffer.synthesis.pairs else None
-        done = buffer.annotate(records, by, (lambda recs: synthesize(seed, recs, buffer.synthesis)) if seed else None)
+        done = buffer.annotate(records, by, (lambda recs: _write_pairs(seed, buffer, recs)) if seed else None)
         save_buffer(root, buffer)
     return [{"id": it.record.id, "written": it.written, "kept": len(it.synthetic)} for it in done]
+
+
+def _write_pairs(seed: LoadedSeed, buffer: StreamBuffer, records: list[PersonalRecord]):
+    """The pairs of this round's answers, written by the seed or (synthesis-writer adapter) by the seed with a LoRA
+    trained on every item annotated so far, this round's included, at the device's default LoRA settings."""
+    writer = None
+    if buffer.synthesis.synthesis_writer == "adapter":
+        writer = writer_adapter(seed, [it.record for it in buffer.annotated()], LoraSettings())
+    return synthesize(seed, records, buffer.synthesis, writer=writer)
 
 
 def buffer_status(root: str | Path) -> dict:

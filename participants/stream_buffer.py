@@ -36,6 +36,7 @@ import numpy as np
 from participants.buffer_rules import BufferItem, annotation_order, current_domains, evict
 from participants.selection_scores import ItemFeatures, StreamScorer, Welford, embedding_entropy, in_domain_dissimilarity
 from participants.stream_settings import BufferSettings, SynthesisSettings
+from participants.synthesis import training_mix
 from protocols.files import write_atomic
 from protocols.records import PersonalRecord, parse_record
 
@@ -169,13 +170,12 @@ class StreamBuffer:
         return sorted((it for it in self.items if it.annotated), key=lambda it: it.seq)
 
     def training_records(self, with_synthetic: bool = True) -> list[PersonalRecord]:
-        """What the private adapter and a sharer's pieces train on: the annotated items and their kept pairs."""
-        out = []
-        for it in self.annotated():
-            out.append(it.record)
-            if with_synthetic:
-                out += [PersonalRecord(it.record.user, p["input"], p["output"]) for p in it.synthetic]
-        return out
+        """What the private adapter and a sharer's pieces train on: the annotated items and their kept pairs, mixed
+        as the synthesis settings say (participants.synthesis.training_mix)."""
+        annotated = self.annotated()
+        written = [PersonalRecord(it.record.user, p["input"], p["output"]) for it in annotated for p in it.synthetic]
+        return training_mix([it.record for it in annotated], written if with_synthetic else [],
+                            self.synthesis.repeat_annotated)
 
     def memory_bytes(self) -> dict[str, int]:
         """What the buffer holds in memory: its items' text, their embeddings and token states, and the scorer's
@@ -266,7 +266,9 @@ class StreamBuffer:
         random_seed = int(state["random-seed"], 16)
         if not 0 <= random_seed < 1 << 128:
             raise ValueError(f"random seed {state['random-seed']!r} is not 128 bits")
-        return cls(s, SynthesisSettings(**state["synthesis"]), str(state["seed"]["id"]),
+        # a buffer written before a synthesis setting existed keeps writing and training as it did then
+        synthesis = SynthesisSettings(**({"synthesis_writer": "seed", "repeat_annotated": False} | state["synthesis"]))
+        return cls(s, synthesis, str(state["seed"]["id"]),
                    str(state["seed"]["content-hash"]), scorer, random_seed, items, int(state["rounds"]),
                    int(state["kept"]), [str(b) for b in state["batches"]])
 

@@ -12,6 +12,7 @@ from protocols.settings import check, setting
 
 RULES = ("sdss", "fifo", "random", "kcenter")
 COMBINES = ("zsum", "eoe", "dss", "idd")
+WRITERS = ("adapter", "seed")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class SynthesisSettings:
     top_p: float = setting(0.95, "nucleus sampling mass of the writing", low=0, high=1, low_open=True)
     synthesis_seed: int = setting(0, "the random seed of the writing (the same items in the same order get the "
                                      "same pairs)", low=0)
+    synthesis_writer: str = setting("adapter", "who writes the pairs: adapter (the seed with a LoRA trained on the "
+                                               "annotated items so far, so the pairs come in their style) or seed "
+                                               "(the bare seed, which writes in its own)", choices=WRITERS)
+    repeat_annotated: bool = setting(True, "repeat the annotated items in what trains until they are at least as "
+                                           "many as the written pairs: the pairs add variety without outweighing "
+                                           "the owner's own answers")
 
     def __post_init__(self) -> None:
         check(self, self.rouge_low > self.rouge_high

@@ -8,17 +8,27 @@ the prompt below, with the reply started for the model ("Request:", so that a sm
 the original's, kept when within [rouge_low, rouge_high]. The answer is the reply's first paragraph after
 "Answer:" (small models go on writing after it). A reply that does not follow the form is counted as written and
 not kept.
+
+Who writes (`synthesis-writer`): by default the seed with a LoRA trained on the annotated items so far
+(`writer_adapter`). The bare seed writes answers in its own voice, and training on them pulled the adapter back
+toward the seed: on 16 styleqa streams (B = 4 of 40) its pairs cost perplexity against the annotated items alone,
+while the adapter's pairs do not. What trains (`training_mix`) repeats the annotated items until they are at least
+as many as the pairs (`repeat-annotated`), so that K pairs an item do not outweigh the owner's own answers.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from participants.adapters import branches
 from participants.chat_data import prompt_ids
+from participants.lora_hooks import LoraBranch, attached
+from participants.lora_training import LoraSettings, train_private_lora
 from participants.seed_loading import LoadedSeed
 from participants.stream_settings import SynthesisSettings
 from protocols.records import PersonalRecord
@@ -114,10 +124,27 @@ def write_replies(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisS
     return out
 
 
-def synthesize(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisSettings,
-               batch_items: int = 4) -> list[Synthesis]:
-    """For each annotated record, the pairs the model wrote and those it keeps."""
+def synthesize(seed: LoadedSeed, records: list[PersonalRecord], s: SynthesisSettings, batch_items: int = 4,
+               writer: dict[str, LoraBranch] | None = None) -> list[Synthesis]:
+    """For each annotated record, the pairs the model wrote (the seed, with `writer`'s LoRA when given) and those
+    it keeps."""
     if s.pairs == 0 or not records:
         return [Synthesis(0, []) for _ in records]
-    replies = write_replies(seed, records, s, batch_items)
+    with attached(seed.model, writer) if writer else nullcontext():
+        replies = write_replies(seed, records, s, batch_items)
     return [keep_pairs(r, mine, s) for r, mine in zip(records, replies)]
+
+
+def writer_adapter(seed: LoadedSeed, annotated: list[PersonalRecord], lora: LoraSettings) -> dict[str, LoraBranch]:
+    """The writer of `synthesis-writer adapter`: a LoRA trained on the annotated items alone, as branches to attach
+    while writing."""
+    weights, _ = train_private_lora(seed, annotated, lora, desc="synthesis writer")
+    return branches(weights, lora.alpha / lora.rank, seed.device)
+
+
+def training_mix(annotated: list[PersonalRecord], written: list[PersonalRecord],
+                 repeat_annotated: bool) -> list[PersonalRecord]:
+    """What trains: the annotated items, repeated (`repeat_annotated`) until they are at least as many as the
+    written pairs, then the pairs."""
+    times = -(-len(written) // len(annotated)) if repeat_annotated and annotated and written else 1
+    return annotated * times + written

@@ -22,12 +22,13 @@ def test_paired_comparison_finds_a_consistent_difference_and_not_a_null_one():
         paired_comparison([1, 2], [1, 2, 3], lower_is_better=True)
 
 
-def test_the_stream_bench_runs_every_rule_and_resumes(tmp_path, styleqa_found, tiny_seed):
+@pytest.mark.parametrize("writer", ["adapter", "seed"])
+def test_the_stream_bench_runs_every_rule_and_resumes(tmp_path, styleqa_found, tiny_seed, writer):
     from simulation.stream_bench import resolve_settings, run_stream_bench
 
     s = resolve_settings(seed_model="tiny-random", data="styleqa", users=3, stream=12, test=2, buffer_sizes=(2, 4),
                          rounds=2, lora_steps=1, batch_size=2, max_len=48, max_new_tokens=4, pairs=1,
-                         synthesis_tokens=8, timing_items=2, score_len=48)
+                         synthesis_tokens=8, timing_items=2, score_len=48, synthesis_writer=writer)
     report = run_stream_bench(s, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     methods = {(r["method"], r["buffer"]) for r in rows if r["kind"] == "method"}
@@ -43,6 +44,8 @@ def test_the_stream_bench_runs_every_rule_and_resumes(tmp_path, styleqa_found, t
     assert len(report["users"]) == 3 and (tmp_path / "report.md").exists() and report["cost"]["forward_ms"] > 0
     assert {c["b"] for c in report["comparisons"] if c["a"] == "sdss"} == {"fifo", "random", "kcenter"}
     assert len(report["targets"]) == 3
+    written = [r for r in rows if r["kind"] == "synthesis"]  # the seed writes once a user, an adapter once a buffer
+    assert len(written) == 3 * (8 if writer == "adapter" else 1) and all(r["written"] == r["items"] for r in written)
     before = (tmp_path / "results.jsonl").read_text()
     run_stream_bench(s, tmp_path)  # everything done: nothing is run again
     assert (tmp_path / "results.jsonl").read_text() == before

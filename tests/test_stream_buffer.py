@@ -376,11 +376,58 @@ def test_a_dp_share_and_the_profile_count_only_the_owners_records_not_the_pairs_
     save_buffer(device, buffer)
     own = {f"reply {r.id}" for r in asked}
     dev = Device(device)
-    assert len(dev.history()) == 6 and {r.output for r in dev.history(with_synthetic=False)} == own
-    assert len(share_history(dev, None)) == 6
+    written = {f"written answer {n}.{k}" for n in range(2) for k in range(2)}
+    assert {r.output for r in dev.history()} == own | written
+    assert [r.output for r in dev.history(with_synthetic=False)] == sorted(own)
+    assert {r.output for r in share_history(dev, None)} == own | written
     assert {r.output for r in share_history(dev, DpSgd(8.0, 1e-5, 1.0))} == own
     release, _ = release_profile(dev)
     assert release.count == 2
+
+
+
+def test_the_annotated_items_are_repeated_to_match_the_written_pairs():
+    from participants.synthesis import training_mix
+
+    own, written = [record(i, "a") for i in range(2)], [record(10 + i, "w") for i in range(5)]
+    assert training_mix(own, written, True) == own * 3 + written  # 6 own against 5 written
+    assert training_mix(own, written, False) == own + written
+    assert training_mix(own, [], True) == own
+
+
+def test_the_adapter_writes_the_pairs_and_is_gone_afterwards(monkeypatch, tiny_seed):
+    """synthesis-writer adapter: the replies come from the seed with a LoRA trained on the annotated items, and the
+    seed is bare again once they are written."""
+    import torch
+
+    import participants.synthesis as synthesis
+    from participants.lora_training import LoraSettings
+
+    replies = []
+    monkeypatch.setattr(synthesis, "keep_pairs",
+                        lambda original, mine, s: replies.append(mine) or synthesis.Synthesis(len(mine), []))
+    own = [record(i, f"answer {i} " * 4) for i in range(3)]
+    s = SynthesisSettings(pairs=2, synthesis_tokens=8)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = tiny_seed.model(input_ids=ids).logits
+    writer = synthesis.writer_adapter(tiny_seed, own, LoraSettings(steps=3, lr=0.05, batch_size=2, max_len=32))
+    synthesis.synthesize(tiny_seed, own, s, writer=writer)
+    synthesis.synthesize(tiny_seed, own, s)
+    assert replies[:3] != replies[3:]  # the same sampling seed: only the writer differs
+    assert torch.equal(tiny_seed.model(input_ids=ids).logits, before)
+
+
+def test_a_buffer_written_before_the_writer_setting_keeps_writing_with_the_seed():
+    from participants.stream_buffer import _digest
+
+    buffer = new_buffer()
+    assert (buffer.synthesis.synthesis_writer, buffer.synthesis.repeat_annotated) == ("adapter", True)
+    state = buffer.to_state()
+    for name in ("synthesis_writer", "repeat_annotated"):
+        del state["synthesis"][name]
+    old = json.dumps({"format": "bouquet-buffer/2", "sha256": _digest(state), "state": state}).encode()
+    again = StreamBuffer.from_bytes(old, "buffer.json")
+    assert (again.synthesis.synthesis_writer, again.synthesis.repeat_annotated) == ("seed", False)
 
 
 KILLER = """

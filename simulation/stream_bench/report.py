@@ -149,7 +149,9 @@ def _markdown(report: dict) -> str:
              f"LoRA rank {s['lora_rank']}, lr {s['lora_lr']:g}, batches of {s['batch_size']} × ≤{s['max_len']} "
              "tokens · "
              + ("synthesis off · " if s["synthesis"] == "off" else
-                f"synthesis K = {s['pairs']}, kept at ROUGE-1 in [{s['rouge_low']}, {s['rouge_high']}] · ") +
+                f"synthesis K = {s['pairs']} written by the {s.get('synthesis_writer', 'seed')}, kept at ROUGE-1 in "
+                f"[{s['rouge_low']}, {s['rouge_high']}]"
+                + (", annotated items repeated to match the pairs" if s.get("repeat_annotated") else "") + " · ") +
              f"generation {s['max_new_tokens']} tokens · rng seed {s['rng_seed']}", "",
              "| method | B | perplexity | gain recovered | ROUGE-1 | ROUGE-1 gain recovered | training records | "
              "steps |", "|---|---|---|---|---|---|---|---|"]

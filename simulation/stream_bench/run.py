@@ -31,7 +31,7 @@ from participants.progress import log
 from participants.seed_loading import LoadedSeed, load_seed
 from participants.selection_scores import item_features
 from participants.stream_buffer import StreamBuffer
-from participants.synthesis import synthesize
+from participants.synthesis import synthesize, training_mix
 from protocols.records import PersonalRecord
 from simulation.bench.run import hardware
 from simulation.stream_bench.report import write_report
@@ -117,17 +117,25 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
                      "annotated": len(buf.annotated()), "memory_bytes": buf.memory_bytes()["total"],
                      "file_bytes": len(buf.to_bytes()),
                      "annotated_positions": sorted(it.seq for it in buf.annotated())})
-    pairs: dict[str, list[PersonalRecord]] = {}
-    if s.synthesis in ("both", "on"):
-        todo = {it.record.id: it.record for buf in buffers.values() for it in buf.annotated()}
-        recs = [todo[k] for k in sorted(todo)]
-        made = synthesize(seed, recs, s.synthesis_settings(), batch_items=8)
-        for rec, syn in zip(recs, made):
-            pairs[rec.id] = [PersonalRecord(rec.user, p.input, p.output) for p in syn.kept]
-        log.info("%s: %d pairs written for %d annotated items, %d kept", user.user, sum(m.written for m in made),
-                 len(recs), sum(len(m.kept) for m in made))
-        rows.append({"kind": "synthesis", "user": user.user, "items": len(recs),
-                     "written": sum(m.written for m in made), "kept": sum(len(m.kept) for m in made)})
+    lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr,
+                        batch_size=s.batch_size, max_len=s.max_len, seed=s.rng_seed)
+    results: dict[str, dict] = {}  # an adapter's evaluation, by its steps and training records
+    adapters: dict[str, dict | None] = {}  # ... and the adapter itself, to write pairs with
+    seed_written: dict[str, list[PersonalRecord]] = {}  # an annotated item's pairs, when the seed writes them
+
+    def trained(records: list[PersonalRecord] | None, steps: int, method: str) -> str:
+        k = "seed" if records is None else f"{steps}:{_key(records)}"
+        if k not in results:
+            adapter, seconds = None, 0.0
+            if records is not None:
+                weights, report = train_private_lora(seed, records, replace(lora, steps=steps),
+                                                     desc=f"{user.user}: {method}")
+                adapter, seconds = branches(weights, s.lora_alpha / s.lora_rank, seed.device), report.seconds
+            results[k] = evaluate(seed, user.test, adapter, max_new_tokens=s.max_new_tokens, with_generation=True,
+                                  max_len=s.max_len) | {"train_seconds": seconds}
+            adapters[k] = adapter
+        return k
+
     plans: list[tuple[dict, list[PersonalRecord] | None]] = [({"method": "seed"}, None),
                                                              ({"method": "full"}, list(user.history))]
     for (b, rule), buf in buffers.items():
@@ -135,27 +143,43 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
         if s.synthesis in ("both", "off"):
             plans.append(({"method": rule, "rule": rule, "synthesis": False, "buffer": b}, annotated))
         if s.synthesis in ("both", "on"):
-            extra = [p for r in annotated for p in pairs.get(r.id, [])]
+            extra = _written_pairs(seed, user, s, b, rule, annotated, buffers, rows, trained, adapters,
+                                   seed_written)
             plans.append(({"method": f"{rule}+syn", "rule": rule, "synthesis": True, "buffer": b, "pairs": len(extra)},
-                          annotated + extra))
-    lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr,
-                        batch_size=s.batch_size, max_len=s.max_len, seed=s.rng_seed)
-    results: dict[str, dict] = {}
+                          training_mix(annotated, extra, s.repeat_annotated)))
     for plan, records in plans:
         steps = s.reference_steps() if plan["method"] == "full" else s.buffer_steps()
-        k = "seed" if records is None else f"{steps}:{_key(records)}"
+        k = trained(records, steps, plan["method"])
         plan["steps"] = 0 if records is None else steps
-        if k not in results:
-            adapter, seconds = None, 0.0
-            if records is not None:
-                weights, report = train_private_lora(seed, records, replace(lora, steps=steps),
-                                                     desc=f"{user.user}: {plan['method']}")
-                adapter, seconds = branches(weights, s.lora_alpha / s.lora_rank, seed.device), report.seconds
-            results[k] = evaluate(seed, user.test, adapter, max_new_tokens=s.max_new_tokens, with_generation=True,
-                                  max_len=s.max_len) | {"train_seconds": seconds}
         rows.append({"kind": "method", "user": user.user, "buffer": None, "rule": None, "synthesis": False,
                      "train_records": 0 if records is None else len(records)} | plan | results[k])
     return rows
+
+
+def _written_pairs(seed: LoadedSeed, user: UserData, s: StreamBenchSettings, b: int, rule: str,
+                   annotated: list[PersonalRecord], buffers: dict, rows: list[dict], trained, adapters: dict,
+                   seed_written: dict) -> list[PersonalRecord]:
+    """The kept pairs for one buffer's annotated items. The seed writes once for the annotated items of every
+    buffer (an item's pairs do not depend on the buffer); an adapter writer is each buffer's own adapter trained on
+    its annotated items alone (the rule's row without synthesis: the same training, trained once)."""
+    ss = s.synthesis_settings()
+    if s.synthesis_writer == "adapter":
+        writer = adapters[trained(annotated, s.buffer_steps(), f"{rule} (the synthesis writer)")]
+        made = synthesize(seed, annotated, ss, batch_items=8, writer=writer)
+        rows.append({"kind": "synthesis", "user": user.user, "buffer": b, "rule": rule, "items": len(annotated),
+                     "written": sum(m.written for m in made), "kept": sum(len(m.kept) for m in made)})
+        return [PersonalRecord(r.user, p.input, p.output) for r, m in zip(annotated, made) for p in m.kept]
+    if not seed_written:
+        todo = {it.record.id: it.record for buf in buffers.values() for it in buf.annotated()}
+        recs = [todo[k] for k in sorted(todo)]
+        made = synthesize(seed, recs, ss, batch_items=8)
+        for rec, syn in zip(recs, made):
+            seed_written[rec.id] = [PersonalRecord(rec.user, p.input, p.output) for p in syn.kept]
+        log.info("%s: %d pairs written for %d annotated items, %d kept", user.user, sum(m.written for m in made),
+                 len(recs), sum(len(m.kept) for m in made))
+        rows.append({"kind": "synthesis", "user": user.user, "items": len(recs),
+                     "written": sum(m.written for m in made), "kept": sum(len(m.kept) for m in made)})
+    return [p for r in annotated for p in seed_written.get(r.id, [])]
 
 
 def run_stream_bench(s: StreamBenchSettings, out: str | Path) -> dict:
