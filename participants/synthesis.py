@@ -13,7 +13,9 @@ Who writes (`synthesis-writer`): by default the seed with a LoRA trained on the 
 (`writer_adapter`). The bare seed writes answers in its own voice, and training on them pulled the adapter back
 toward the seed: on 16 styleqa streams (B = 4 of 40) its pairs cost perplexity against the annotated items alone,
 while the adapter's pairs do not. What trains (`training_mix`) repeats the annotated items until they are at least
-as many as the pairs (`repeat-annotated`), so that K pairs an item do not outweigh the owner's own answers.
+as many as the pairs (`repeat-annotated`), so that K pairs an item do not outweigh the owner's own answers (its
+own effect was too small to measure on 13 styleqa streams: it changes only those whose model kept more pairs than
+it had items).
 """
 
 from __future__ import annotations
