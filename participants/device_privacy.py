@@ -2,7 +2,8 @@
 
     release_profile      the DP profile: budget spent in the ledger first, then the noise from the policy's
                          randomness (never the coordinator's rng-seed); its (ε, δ) in the metrics
-    share_request        the share a request gets: refused when the policy does not share or shared too recently,
+    share_request        the share a request gets: refused when the policy does not share, the device holds too few
+                         of its own records, or it shared too recently,
                          else min(requested, max-share-ratio), drawn with the policy's randomness, and the
                          DP-SGD it is trained with (its ε spent in the ledger first)
     share_history        what a share trains on: under DP-SGD the owner's records without the pairs written from them
@@ -42,6 +43,7 @@ def share_request(device: Device, s: ParticipantSettings) -> tuple[ParticipantSe
     ledger (its time, and its ε when DP) before any work, so a crash never forgets it."""
     policy = device.policy()
     ratio = policy.share_ratio(s.share_ratio)
+    policy.check_share_records(len(device.history(with_synthetic=False)))
     dp = policy.dp_sgd()
     ledger = device.ledger()
     if dp is not None:

@@ -1,12 +1,17 @@
 """What this device lets leave it: the owner's privacy policy, `policy.json` in the device folder.
 
-    {"share": true, "max-share-ratio": 0.5, "min-hours-between-shares": 0, "piece-epsilon": null,
-     "piece-delta": 1e-05, "piece-clip-norm": 1.0, "profile-clip-norm": 1.0, "profile-epsilon": 1.0,
-     "profile-delta": 1e-05, "epsilon-budget": 10.0, "report-metrics": ["*-seconds", ...], "pinned-seed": null}
+    {"share": true, "max-share-ratio": 0.5, "min-share-records": 64, "min-hours-between-shares": 0,
+     "piece-epsilon": null, "piece-delta": 1e-05, "piece-clip-norm": 1.0, "profile-clip-norm": 1.0,
+     "profile-epsilon": 1.0, "profile-delta": 1e-05, "epsilon-budget": 10.0, "report-metrics": ["*-seconds", ...],
+     "pinned-seed": null}
 
     share              whether this device shares pieces at all; false: a share request is refused
     max-share-ratio    the largest fraction of its pieces it sends, in (0, 1]; it sends min(requested, this), so
                        by default a sharer never sends its whole adapter
+    min-share-records  the fewest of its own records (the pairs its model wrote do not count) a device must hold to
+                       share: trained for the same steps, a few records are seen many times and memorised, and
+                       membership inference against the shared pieces reads them (the privacy audit: see README,
+                       threat model); fewer, and a share request is refused
     min-hours-between-shares
                        how often it shares: a share request sooner than this after its last one is refused
     piece-epsilon      null: the LoRA and gates it shares are trained without formal privacy. A number ε: they are
@@ -50,6 +55,8 @@ DEFAULT_REPORTED = ("*-seconds", "*-tokens", "*-bytes", "num-examples", "history
                     "gates-received", "catalog-seeds", "own-residual", "lora-steps", "lora-loss-*", "seed-*",
                     "assembled-*", "share-ratio", "profile-epsilon", "profile-delta", "epsilon-spent")
 # "pieces-*" covers the share's DP-SGD figures too: pieces-epsilon, pieces-delta, pieces-noise-multiplier
+# the smallest history the privacy audit measured within its membership target at the default policy
+MIN_SHARE_RECORDS = 64
 PURPOSES = {"profile": 1, "share": 2, "buffer": 3}  # what each pinned stream of randomness is for
 
 
@@ -66,6 +73,7 @@ class PolicyRefused(Refusal):
 class PrivacyPolicy:
     share: bool = True
     max_share_ratio: float = 0.5
+    min_share_records: int = MIN_SHARE_RECORDS
     min_hours_between_shares: float = 0.0
     piece_epsilon: float | None = None
     piece_delta: float = 1e-5
@@ -126,6 +134,13 @@ class PrivacyPolicy:
                                 f"pieces)")
         return min(float(requested), self.max_share_ratio)
 
+    def check_share_records(self, count: int) -> None:
+        """Refuse a share from a device holding fewer than min-share-records of its own records (the refusal says
+        the threshold, never the count: report-metrics decides whether the history's size leaves the device)."""
+        if count < self.min_share_records:
+            raise PolicyRefused(f"refused by this device's {POLICY_FILE}: key 'min-share-records' is "
+                                f"{self.min_share_records} and this device holds fewer of its own records")
+
     def dp_sgd(self):
         """The DP-SGD a share is trained with (participants.dp_sgd.DpSgd), or None when piece-epsilon is null."""
         from participants.dp_sgd import DpSgd
@@ -170,6 +185,9 @@ def _problem(name: str, value) -> str:
     if name == "piece-epsilon":
         ok = value is None or (number(value) and value > 0)
         return "" if ok else "must be null (no DP-SGD) or a finite number > 0, e.g. 8"
+    if name == "min-share-records":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return "" if ok else "must be a whole number >= 1 (1: any device with a record may share)"
     if name == "min-hours-between-shares":
         return "" if number(value) and value >= 0 else "must be a number of hours >= 0 (0: no limit)"
     if name in ("profile-delta", "piece-delta"):

@@ -302,6 +302,11 @@ def cmd_device_init(args) -> int:
     print(f"device folder {setup.device.root}: {setup.history} history, {setup.test} test record(s); "
           f"contributor id {setup.contributor}; limits in {setup.device.root / 'limits.json'}, privacy policy in "
           f"{setup.device.root / 'policy.json'}", file=sys.stderr)
+    least = setup.device.policy().min_share_records
+    if setup.history < least:
+        print(f"note: this device answers every request but shares no pieces until it holds {least} records of its "
+              f"own (policy.json \"min-share-records\": a few records trained on many times are memorised); lower "
+              f"it there if you accept that", file=sys.stderr)
     print(f"register this key with the coordinator (`bouquet coordinator add-device DIR "
           f"{setup.device.supernode_pub_path}`):", file=sys.stderr)
     print(setup.supernode_public_key)

@@ -62,7 +62,11 @@ def pinned_policy(rng_seed: int, user: str, base: PrivacyPolicy | None = None) -
 def prepare_devices(users: list[UserData], run_dir: Path, rng_seed: int,
                     policy: PrivacyPolicy | None = None) -> dict[int, str]:
     """Write each user's files, pinned key and pinned policy into its device folder (a fresh virtual device: no
-    ε spent yet); return partition-id -> user."""
+    ε spent yet); return partition-id -> user. Without `policy`, the defaults with min-share-records lowered to the
+    shortest history (SimulateSettings.device_policy says why)."""
+    if policy is None:
+        shortest = min(len(u.history) for u in users)
+        policy = PrivacyPolicy(min_share_records=min(shortest, PrivacyPolicy.min_share_records))
     root = run_dir / "devices"
     mapping = {}
     for pid, user in enumerate(users):

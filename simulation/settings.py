@@ -43,16 +43,25 @@ class SimulateSettings(RunSettings, UserSettings):
     piece_epsilon: float | None = setting(None, "the devices' policy key piece-epsilon: train shared pieces and "
                                                 "gates by DP-SGD at this ε per share (default: no DP-SGD)",
                                           low=0, low_open=True)
+    min_share_records: int | None = setting(None, "the devices' policy key min-share-records (a real device's "
+                                                  "default is 64; a simulation's virtual devices take --history "
+                                                  "unless this flag or --policy says otherwise: its data is public "
+                                                  "and its histories short for speed)", low=1)
     profile_epsilon: float | None = setting(None, "the devices' policy key profile-epsilon (default 1)", low=0,
                                             low_open=True)
     epsilon_budget: float | None = setting(None, "the devices' policy key epsilon-budget (default 10)", low=0,
                                            low_open=True)
 
     def device_policy(self):
-        """The policy every virtual device starts from: the defaults, --policy's file, then the flags given."""
+        """The policy every virtual device starts from: the defaults, --policy's file, then the flags given; its
+        min-share-records at most --history, unless the file or the flag sets it."""
         from participants.privacy_policy import PrivacyPolicy
 
-        base = json.loads(PrivacyPolicy.load(self.policy).to_json()) if self.policy else {}
-        flags = {key(name): getattr(self, name) for name in ("max_share_ratio", "piece_epsilon", "profile_epsilon",
-                                                             "epsilon_budget") if getattr(self, name) is not None}
+        base = json.loads(PrivacyPolicy.load(self.policy).to_json()) if self.policy else {}  # a bad file stops here
+        given = json.loads(Path(self.policy).read_text(encoding="utf-8")) if self.policy else {}
+        if "min-share-records" not in given:
+            base["min-share-records"] = min(self.history, PrivacyPolicy.min_share_records)
+        flags = {key(name): getattr(self, name) for name in ("max_share_ratio", "min_share_records", "piece_epsilon",
+                                                             "profile_epsilon", "epsilon_budget")
+                 if getattr(self, name) is not None}
         return PrivacyPolicy.from_dict(base | flags, self.policy or "the --policy flags")

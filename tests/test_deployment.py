@@ -31,6 +31,7 @@ from coordinator.tls import certificate_names, check_operator_files, make_ca_and
 from participants.device import Device
 from participants.device_setup import init_device, supernode_command, withdrawal_request
 from participants.limits import DeviceLimits, LimitExceeded
+from participants.privacy_policy import MIN_SHARE_RECORDS
 from protocols.records import DataFormatError
 from protocols.settings import ParticipantSettings
 from protocols.withdrawal import WithdrawalError, make_withdrawal, parse_withdrawal
@@ -401,6 +402,8 @@ def test_loopback_deployment_with_tls_auth_a_killed_node_a_restart_and_a_late_ne
             out = bouquet("device", "init", str(root), "--data", str(write_data(tmp_path / f"{user}.jsonl", user)),
                           *(["--test", str(write_data(tmp_path / f"{user}-test.jsonl", user, 2))] if i == 4 else []))
             assert out.returncode == 0, out.stderr
+            assert f"shares no pieces until it holds {MIN_SHARE_RECORDS} records" in out.stderr  # 6: lowered
+            (root / "policy.json").write_text(json.dumps({"min-share-records": 1}))
             devices[i] = (root, out.stdout.strip())
         procs.wait_for_log("link", "coordinator ready", 120)
         ca = str(coord / "tls" / "ca.crt")

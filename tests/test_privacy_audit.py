@@ -101,8 +101,8 @@ def test_real_health_tweets_with_dp_sgd_pieces_leave_no_trace_on_the_coordinator
     run_dir = tmp_path / "run"
     settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=2, newcomers=2,
                                 lora_steps=2, dp_lora_steps=2, gate_steps=1, lora_rank=4, lora_alpha=8, max_len=48,
-                                max_new_tokens=4, timeout=300, min_nodes=len(users), piece_epsilon=8.0)
-    assert settings.device_policy() == PrivacyPolicy(piece_epsilon=8.0)
+                                max_new_tokens=4, timeout=300, min_nodes=len(users), piece_epsilon=8.0, history=6)
+    assert settings.device_policy() == PrivacyPolicy(piece_epsilon=8.0, min_share_records=6)
     mapping = prepare_devices(users, run_dir, settings.rng_seed, settings.device_policy())
     grids: list = []
     summary = simulate_devices(run_dir, mapping, settings, server_app=auditing_server_app(settings, grids))

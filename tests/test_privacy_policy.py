@@ -33,8 +33,8 @@ def device_with(tmp_path, policy: dict | None = None, n: int = 8) -> Device:
                for i in range(n)]
     save_records(records, tmp_path / "data.jsonl")
     device = init_device(tmp_path / "dev", tmp_path / "data.jsonl").device
-    if policy is not None:
-        (device.root / POLICY_FILE).write_text(json.dumps(policy))
+    if policy is not None:  # a given policy lets the few records here share, unless it says otherwise
+        (device.root / POLICY_FILE).write_text(json.dumps({"min-share-records": 1} | policy))
     return device
 
 
@@ -76,6 +76,8 @@ def test_device_init_writes_the_safe_default_policy_and_keeps_an_edited_one(tmp_
     ('{"profile-delta": 1}', ["'profile-delta'", "(0, 1)"]),
     ('{"report-metrics": "seed-*"}', ["'report-metrics'", "list"]),
     ('{"pinned-seed": 1.5}', ["'pinned-seed'", "null"]),
+    ('{"min-share-records": 0}', ["'min-share-records'", ">= 1", '"min-share-records": 64']),
+    ('{"min-share-records": 2.5}', ["'min-share-records'", "whole number"]),
     ('{"max-share-ration": 0.5}', ["unknown key", "max-share-ration", "max-share-ratio"]),
     ('{"profile-epsilon": 4, "epsilon-budget": 3}', ["'profile-epsilon' and 'epsilon-budget' contradict",
                                                      '"epsilon-budget" >= 4']),
@@ -124,12 +126,43 @@ def test_a_share_request_to_a_device_that_does_not_share_is_refused_before_any_w
 def test_the_share_request_gets_the_policys_ratio_and_fresh_randomness(tmp_path):
     from participants.device_privacy import share_request
 
-    device = device_with(tmp_path)
+    device = device_with(tmp_path, {"min-share-records": 8})
     s, first, dp = share_request(device, ParticipantSettings(share_ratio=1.0))
     _, second, _ = share_request(device, ParticipantSettings(share_ratio=1.0))
     assert s.share_ratio == 0.5 and first != second and dp is None  # the OS's randomness: a new draw every time
-    (device.root / POLICY_FILE).write_text('{"pinned-seed": 3}')
+    (device.root / POLICY_FILE).write_text('{"pinned-seed": 3, "min-share-records": 8}')
     assert share_request(device, ParticipantSettings())[1] == share_request(device, ParticipantSettings())[1]
+
+
+def test_a_device_with_fewer_own_records_than_min_share_records_refuses_before_spending_anything(tmp_path):
+    from participants.device_privacy import share_request
+
+    device = device_with(tmp_path, n=8)  # the default policy asks for more records than 8
+    assert device.policy().min_share_records > 8
+    with pytest.raises(PolicyRefused) as err:
+        ask(device, M.SHARE, {"seed-model": "tiny-random", "lora-steps": 1})
+    message = str(err.value)
+    assert f"{POLICY_FILE}: key 'min-share-records' is {PrivacyPolicy().min_share_records}" in message
+    assert "8" not in message.replace(str(PrivacyPolicy().min_share_records), "")  # the threshold, not the count
+    assert not (device.root / LEDGER_FILE).exists()  # refused before the ledger wrote the request down
+    (device.root / POLICY_FILE).write_text('{"min-share-records": 9}')
+    with pytest.raises(PolicyRefused, match="'min-share-records' is 9"):
+        share_request(device, ParticipantSettings())
+    (device.root / POLICY_FILE).write_text('{"min-share-records": 8}')
+    assert share_request(device, ParticipantSettings())[0].share_ratio == 0.5
+
+
+def test_a_simulation_lowers_min_share_records_to_its_history_unless_told(tmp_path):
+    from simulation.settings import SimulateSettings
+
+    assert SimulateSettings(history=16).device_policy().min_share_records == 16
+    assert SimulateSettings(history=500).device_policy().min_share_records == PrivacyPolicy().min_share_records
+    assert SimulateSettings(history=16, min_share_records=32).device_policy().min_share_records == 32
+    (tmp_path / "p.json").write_text('{"min-share-records": 40}')
+    assert SimulateSettings(history=16, policy=str(tmp_path / "p.json")).device_policy().min_share_records == 40
+    (tmp_path / "p.json").write_text('{"max-share-ratio": 0.25}')
+    policy = SimulateSettings(history=16, policy=str(tmp_path / "p.json")).device_policy()
+    assert (policy.min_share_records, policy.max_share_ratio) == (16, 0.25)
 
 
 def test_only_the_metrics_the_policy_allows_leave_the_device():
@@ -237,5 +270,6 @@ def test_the_simulation_pins_each_virtual_devices_policy_from_the_runs_rng_seed(
     policy = {run: [Device(tmp_path / run / "devices" / str(pid)).policy() for pid in (0, 1)] for run in "abc"}
     assert policy["a"] == policy["b"] and policy["a"] != policy["c"]
     assert policy["a"][0].pinned_seed is not None and policy["a"][0].pinned_seed != policy["a"][1].pinned_seed
-    assert policy["a"][0].max_share_ratio == PrivacyPolicy().max_share_ratio  # otherwise the defaults
+    assert policy["a"][0].max_share_ratio == PrivacyPolicy().max_share_ratio  # otherwise the defaults,
+    assert policy["a"][0].min_share_records == 1  # but any device with its one record may share
     assert not (tmp_path / "a" / "devices" / "0" / LEDGER_FILE).exists()  # a fresh virtual device spent nothing
