@@ -113,6 +113,28 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     return loss.sum() / n
 
 
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """The mean answer-token loss of `model` on `batch`, equal to next_token_loss of its logits, with the
+    vocabulary projection run on the positions that predict an answer token only.
+
+    The LM head's logits (49k columns on SmolLM2) for prompt and pad positions are computed, cast to fp32 and
+    normalized only to be ignored; on a bf16 base that work is a sixth of a training step. Models whose head is
+    not a plain projection of the decoder's last hidden state (a logit soft-cap), or that are not Hugging Face
+    models, take the full path.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper or the model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return next_token_loss(logits, batch["labels"])
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    keep = predicts_answer_mask(batch["labels"])
+    logits = head(hidden[keep]).float()
+    targets = batch["labels"][:, 1:][keep[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
+
+
 def predicts_answer_mask(labels: torch.Tensor) -> torch.Tensor:
     """True at positions t whose hidden state predicts an answer token (labels[t+1] counts)."""
     mask = torch.zeros_like(labels, dtype=torch.bool)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from participants.chat_data import encode_all, endless_batches, next_token_loss
+from participants.chat_data import answer_loss, encode_all, endless_batches
 from participants.dp_sgd import DpPlan, run_dp_steps
 from participants.progress import progress
 from participants.seed_loading import LoadedSeed
@@ -122,8 +122,7 @@ def run_steps(model, data, steps: int, opt, params, desc: str, sched=None, clip:
     with progress(steps, desc) as bar:
         for step in range(steps):
             batch = next(data)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = next_token_loss(logits, batch["labels"])
+            loss = answer_loss(model, batch)
             loss.backward()
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)

@@ -88,7 +88,8 @@ def estimate_memory(seed: LoadedSeed, targets, rank: int, batch_size: int, max_l
     weights = weight_bytes(seed.model)
     base_bytes = torch.finfo(seed.dtype).bits // 8
     tokens = batch_size * max_len
-    # logits in the base's format, their fp32 copy and the loss's log-softmax; one block's largest activations
+    # logits in the base's format, their fp32 copy and the loss's log-softmax (every position an answer token: the
+    # worst batch, as answer_loss projects answer positions only); one block's largest activations
     per_token_forward = cfg.vocab_size * (base_bytes + 8) + 4 * (3 * cfg.intermediate_size + 4 * cfg.hidden_size)
     inference = weights + tokens * per_token_forward
     adapter = 4 * adapter_numbers(seed.model, targets, rank)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from participants.chat_data import encode_all, endless_batches, next_token_loss
+from participants.chat_data import answer_loss, encode_all, endless_batches
 from participants.lora_hooks import LoraBranch, attached
 from participants.lora_training import LoraSettings, LoraWeights, TrainReport
 from participants.progress import log, progress
@@ -103,8 +103,7 @@ def spsa_steps(model: torch.nn.Module, params: list[torch.Tensor], data, steps: 
 
     def loss(batch) -> float:
         with torch.inference_mode():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return float(next_token_loss(logits, batch["labels"]))
+            return float(answer_loss(model, batch))
 
     model.eval()  # dropout off: both passes of a direction must see the same function
     with progress(steps, desc) as bar:

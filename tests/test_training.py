@@ -3,7 +3,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from participants.chat_data import IGNORE, encode
+from participants.chat_data import IGNORE, Example, answer_loss, batches, encode, encode_all, next_token_loss
 from participants.cutting import choose_share, cut_into_pieces
 from participants.evaluation import perplexity, rouge
 from participants.gate_training import train_gates
@@ -25,6 +25,29 @@ def test_loss_is_on_the_answer_and_end_of_turn_only(tiny_seed):
 def test_long_records_keep_part_of_the_answer(tiny_seed):
     ex = encode(tiny_seed.tokenizer, PersonalRecord("u", "q" * 500, "a" * 500), max_len=64)
     assert len(ex.input_ids) == 64 and ex.n_target >= 32
+
+
+def test_answer_only_head_gives_the_full_loss_with_and_without_peft(tiny_seed, make_records):
+    from peft import LoraConfig, get_peft_model
+
+    examples = encode_all(tiny_seed.tokenizer, make_records("u", "ZAP", 6), 48)
+    peft = get_peft_model(tiny_seed.model, LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    try:
+        with torch.no_grad():
+            for layer in peft.modules():
+                if hasattr(layer, "lora_B"):
+                    layer.lora_B["default"].weight.normal_()  # a LoRA that changes the logits
+        for model in (tiny_seed.model, peft):
+            for batch in batches(examples, 3, tiny_seed.tokenizer.pad_token_id, tiny_seed.device):
+                with torch.no_grad():
+                    full = next_token_loss(model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits, batch["labels"])
+                    torch.testing.assert_close(answer_loss(model, batch), full, rtol=1e-5, atol=1e-6)
+        no_answer = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
+        empty = next(batches([no_answer], 1, tiny_seed.tokenizer.pad_token_id, tiny_seed.device))
+        assert float(answer_loss(tiny_seed.model, empty)) == 0.0
+    finally:
+        peft.unload()
 
 
 def test_private_lora_learns_and_leaves_the_seed_bare(tiny_seed, make_records):
