@@ -32,7 +32,7 @@ class LoraSettings:
     batch_size: int = ParticipantSettings.batch_size
     max_len: int = ParticipantSettings.max_len
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    dropout: float = 0.05
+    dropout: float = ParticipantSettings.lora_dropout
     seed: int = ParticipantSettings.rng_seed
     trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
     zeroth_order: ZerothOrderSettings = field(default_factory=lambda: _zeroth_order_defaults())

@@ -21,6 +21,7 @@ def lora_settings(s: ParticipantSettings, **changes) -> LoraSettings:
     with no budget nothing binds, so it trains with AdamW."""
     trainer = "adamw" if s.trainer == "auto" else s.trainer
     return replace(LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr,
+                                dropout=s.lora_dropout,
                                 batch_size=s.batch_size, max_len=s.max_len, seed=s.rng_seed, trainer=trainer,
                                 zeroth_order=zeroth_order_settings(s)), **changes)
 

@@ -140,7 +140,7 @@ def fit_trainer(seed: LoadedSeed, s: ParticipantSettings, budget_mib: int) -> Pa
     """The settings with a concrete trainer that fits the budget, or a Refusal before any training."""
     if budget_mib <= 0 and s.trainer != "auto":
         return s
-    est = estimate_memory(seed, DEFAULT_TARGETS, s.lora_rank, s.batch_size, s.max_len)
+    est = estimate_memory(seed, DEFAULT_TARGETS, s.lora_rank, s.batch_size, s.max_len, dropout=s.lora_dropout)
     trainer, why = choose_trainer(s.trainer, budget_mib, est, s.batch_size, s.max_len)
     from participants.progress import log
 

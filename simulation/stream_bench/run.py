@@ -117,7 +117,7 @@ def bench_user(seed: LoadedSeed, user: UserData, s: StreamBenchSettings) -> list
                      "annotated": len(buf.annotated()), "memory_bytes": buf.memory_bytes()["total"],
                      "file_bytes": len(buf.to_bytes()),
                      "annotated_positions": sorted(it.seq for it in buf.annotated())})
-    lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr,
+    lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, steps=s.lora_steps, lr=s.lora_lr, dropout=s.lora_dropout,
                         batch_size=s.batch_size, max_len=s.max_len, seed=s.rng_seed)
     results: dict[str, dict] = {}  # an adapter's evaluation, by its steps and training records
     adapters: dict[str, dict | None] = {}  # ... and the adapter itself, to write pairs with
