@@ -95,10 +95,11 @@ def memory_part(s: TrainersBenchSettings, records_path: Path, seed) -> dict:
 
 
 def throughput_part(s: TrainersBenchSettings, seed, records) -> dict:
-    """Forward passes per second: the zeroth-order trainer's, and a bare no-grad loop's over the same batches."""
+    """Forward passes per second: the zeroth-order trainer's, and a bare no-grad loop's computing the same loss over
+    the same batches."""
     import torch
 
-    from participants.chat_data import encode_all, endless_batches
+    from participants.chat_data import answer_loss, encode_all, endless_batches
     from participants.settings import lora_settings
     from participants.zeroth_order import train_lora_zeroth_order
 
@@ -110,11 +111,12 @@ def throughput_part(s: TrainersBenchSettings, seed, records) -> dict:
                                        settings.seed), steps))
 
     def bare() -> float:
+        # the same loss as the trainer's passes (answer positions through the LM head), on the bare seed
         start = time.perf_counter()
         with torch.no_grad():
             for batch in data:
                 for _ in range(2):  # a zeroth-order step's two passes on one batch
-                    seed.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    float(answer_loss(seed.model, batch))
         return 2 * steps / (time.perf_counter() - start)
 
     def trainer() -> float:
