@@ -60,6 +60,10 @@ def load_seed(source: str = DEFAULT_SEED, device: torch.device | None = None, pr
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, desc.delta).merge_and_unload()
+            if key[2] == "bf16" and device.type == "cpu":  # CPU attention is faster in fp32
+                from participants.fp32_attention import use_fp32_attention
+
+                use_fp32_attention(model)
             if key[2] == "int8":
                 from participants.int8_weights import quantize_block_linears
 

@@ -37,6 +37,28 @@ def test_bf16_on_hardware_without_it_is_refused_naming_what_fits():
         resolve_precision("bf16", torch.device("cpu"), NONE)
 
 
+def test_a_bf16_base_on_a_cpu_attends_in_fp32_with_sdpa_masks(tiny_seed, make_records):
+    from participants.chat_data import answer_loss, batches, encode_all
+    from participants.fp32_attention import NAME, use_fp32_attention
+
+    from protocols.records import PersonalRecord
+
+    records = make_records("u", "ZAP", 5) + [PersonalRecord("u", "a longer question", "ZAP " * 12)]
+    examples = encode_all(tiny_seed.tokenizer, records, 256)
+    padded = next(batches(examples, 6, tiny_seed.tokenizer.pad_token_id, tiny_seed.device))
+    assert (padded["attention_mask"] == 0).any()  # the mask matters in this batch
+    reference = copy.deepcopy(tiny_seed.model)  # fp32 throughout
+    bf16 = copy.deepcopy(tiny_seed.model).to(torch.bfloat16)
+    with torch.no_grad():
+        plain = answer_loss(bf16, padded)
+        assert use_fp32_attention(bf16) and bf16.config._attn_implementation == NAME
+        upcast, exact = answer_loss(bf16, padded), answer_loss(reference, padded)
+    assert torch.isfinite(upcast) and abs(float(upcast - exact)) <= abs(float(plain - exact)) + 2e-2
+    eager = copy.deepcopy(tiny_seed.model)
+    eager.set_attn_implementation("eager")
+    assert not use_fp32_attention(eager) and eager.config._attn_implementation == "eager"  # kept
+
+
 def test_what_is_trained_stays_fp32_on_a_bf16_base(tiny_seed, make_records):
     bf16 = LoadedSeed(tiny_seed.descriptor, copy.deepcopy(tiny_seed.model).to(torch.bfloat16), tiny_seed.tokenizer,
                       tiny_seed.device, "bf16")
