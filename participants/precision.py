@@ -10,7 +10,8 @@ What is trained (LoRA, gates) and the optimizer's state stay fp32 whatever the b
 fp32 (`autocast_adapter_dtype`) and casts the adapter's input to it, and the hook branches of lora_hooks compute
 in fp32. Why AVX-512 bf16 alone does not count as fast: on this machine kind's CPUs without AMX (AVX-512 bf16
 only), oneDNN's bf16 matmul (brgemm avx512_core_bf16) runs at 0.55-0.7x the fp32 speed for SmolLM2's layer
-shapes, at 1 and 2 threads; bf16 there only halves the weights' memory, which `bf16` still gives when asked.
+shapes, at 1 and 2 threads; bf16 there only halves the weights' memory, which `bf16` still gives when asked. On
+an AMX CPU a bf16 forward pass of SmolLM2 ran 3.1-4.3x faster than fp32 at 2 threads, an AdamW LoRA step 1.3-2.0x.
 """
 
 from __future__ import annotations
