@@ -118,9 +118,9 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     vocabulary projection run on the positions that predict an answer token only.
 
     The LM head's logits (49k columns on SmolLM2) for prompt and pad positions are computed, cast to fp32 and
-    normalized only to be ignored; on a bf16 base that work is a sixth of a training step. Models whose head is
-    not a plain projection of the decoder's last hidden state (a logit soft-cap), or that are not Hugging Face
-    models, take the full path.
+    normalized only to be ignored; on a bf16 base (AMX CPU) that work was a seventh of a training step. Models
+    whose head is not a plain projection of the decoder's last hidden state (a logit soft-cap), or that are not
+    Hugging Face models, take the full path.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper or the model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
