@@ -12,7 +12,7 @@ from protocols.settings import ParticipantSettings
 
 def zeroth_order_settings(s: ParticipantSettings) -> ZerothOrderSettings:
     return ZerothOrderSettings(eps=s.zo_eps, lr=s.zo_lr, gate_lr=s.zo_gate_lr, perturbations=s.zo_perturbations,
-                               schedule=s.zo_schedule, factors=s.zo_factors, projections=s.zo_projections,
+                               schedule=s.zo_schedule, factors=s.zo_factors,
                                step_factor=s.zo_step_factor)
 
 

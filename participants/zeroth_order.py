@@ -45,7 +45,6 @@ class ZerothOrderSettings:
     perturbations: int = ParticipantSettings.zo_perturbations
     schedule: str = ParticipantSettings.zo_schedule
     factors: str = ParticipantSettings.zo_factors
-    projections: str = ParticipantSettings.zo_projections
     step_factor: int = ParticipantSettings.zo_step_factor
 
 
@@ -159,18 +158,6 @@ def lora_positions(model: torch.nn.Module, targets) -> list[str]:
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
 
 
-def trained_positions(positions: list[str], projections: str) -> list[str]:
-    """The positions whose projection (the module name's last part) zo-projections names; `all`: every one."""
-    if projections.strip() == "all":
-        return list(positions)
-    wanted = {p.strip() for p in projections.split(",") if p.strip()}
-    have = {pos.rsplit(".", 1)[-1] for pos in positions}
-    if not wanted or not wanted <= have:
-        raise ValueError(f"zo-projections {projections!r} names projections the LoRA does not cover: write all, or "
-                         f"a comma-separated list among {', '.join(sorted(have))}")
-    return [pos for pos in positions if pos.rsplit(".", 1)[-1] in wanted]
-
-
 def fresh_lora(model: torch.nn.Module, positions: list[str], rank: int, device) -> dict[str, tuple]:
     """PEFT's initialisation: A Kaiming-uniform (a = √5, as nn.Linear), B zero; fp32 whatever the base."""
     named = dict(model.named_modules())
@@ -201,8 +188,7 @@ def train_lora_zeroth_order(seed: LoadedSeed, records: list[PersonalRecord], set
                    for pos, (A, B) in sorted(init.items())}
     scaling = settings.alpha / settings.rank
     branches = {pos: LoraBranch(A, B, scaling) for pos, (A, B) in tensors.items()}
-    trained = trained_positions(sorted(tensors), zo.projections)
-    params = [t for pos in trained for t in (tensors[pos] if zo.factors == "AB" else tensors[pos][1:])]
+    params = [t for A, B in tensors.values() for t in ((A, B) if zo.factors == "AB" else (B,))]
     examples = encode_all(seed.tokenizer, records, settings.max_len)
     data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, dev, settings.seed)
     with attached(seed.model, branches):

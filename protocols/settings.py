@@ -184,11 +184,6 @@ class ParticipantSettings:
                                      "up-projection only; A keeps its initial value, as LoRA-FA does): B starts "
                                      "at zero, so A's slope is zero there and perturbing A adds only noise",
                               choices=("AB", "B"))
-    zo_projections: str = setting("all", "zeroth-order: the LoRA projections perturbed and trained, all or a "
-                                         "comma-separated list (e.g. v_proj); the others keep their start. "
-                                         "SPSA's progress per step goes as the gradient's energy over the "
-                                         "dimensions perturbed, and v_proj holds about 2/3 of the LoRA's "
-                                         "gradient in 1/8 of its dimensions (SmolLM2)")
     zo_step_factor: int = setting(3, "zeroth-order: steps per step the adamw settings ask for (lora-steps, "
                                      "gate-steps and fine-tune steps are multiplied by it; 3 steps of 4 directions "
                                      "took about 8× an AdamW step's time on CPU)", low=1, high=1000)

@@ -346,8 +346,7 @@ def markdown(report: dict) -> str:
     lines = ["# bouquet trainers", "", f"data `{st['data']}` · {report['seed']} · {report['hardware']}  ",
              f"{st['users']} users; batch {st['batch_size']} × max-len {st['max_len']}; lora-steps {st['lora_steps']}"
              f" (AdamW, lr {st['lora_lr']}), zeroth-order {st['lora_steps'] * st['zo_step_factor']} steps (eps "
-             f"{st['zo_eps']}, lr {st['zo_lr']}, factors {st['zo_factors']}, projections {st.get('zo_projections', 'all')}, "
-             f"{st['zo_perturbations']} direction(s), "
+             f"{st['zo_eps']}, lr {st['zo_lr']}, factors {st['zo_factors']}, {st['zo_perturbations']} direction(s), "
              f"{st['zo_schedule']})"]
     for name, render in (("memory", _memory_md), ("throughput", _throughput_md), ("quality", _quality_md),
                          ("precision", _precision_md)):

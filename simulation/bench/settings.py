@@ -73,7 +73,7 @@ class BenchSettings(ParticipantSettings, UserSettings):
     USED_ONLY_BY: ClassVar[dict] = {"ft_steps": ("perpcs+ft", "perpcs+zo"), "lorahub_steps": ("lorahub",),
                                     "rag_k": ("rag", "perpcs+rag")} | {
         k: ("perpcs+zo",) for k in ("zo_eps", "zo_lr", "zo_gate_lr", "zo_perturbations", "zo_schedule", "zo_factors",
-                                    "zo_projections", "zo_step_factor")}
+                                    "zo_step_factor")}
 
     @classmethod
     def unused_by(cls, run: dict) -> set[str]:
