@@ -63,7 +63,8 @@ def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: Particip
     """The whole sharer pipeline on one device's history; `share_seed` draws which pieces are shared (and DP-SGD's
     batches and noise). `dp` trains the LoRA and its gates by DP-SGD, its (ε, δ) in every piece. `who` labels the
     progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
-    training = (lora_settings(s, lr=s.dp_lora_lr, steps=s.dp_lora_steps, batch_size=s.dp_batch_size)
+    training = (lora_settings(s, lr=s.dp_lora_lr, steps=s.dp_lora_steps, batch_size=s.dp_batch_size,
+                              targets=s.dp_targets)
                 if dp is not None else lora_settings(s))
     plan = dp_plan(dp, len(history), s, share_seed) if dp is not None else None
     weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA", dp=plan)

@@ -125,6 +125,11 @@ class ParticipantSettings:
     dp_lora_steps: int = setting(24, "the private LoRA's steps on a device whose policy trains it by DP-SGD, in place "
                                      "of lora-steps: a noisy step teaches less, so DP needs more of them",
                                  low=1)
+    dp_lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj",
+                                   "comma-separated projections the private LoRA covers on a device whose policy "
+                                   "trains it by DP-SGD: the noise is spread over every trained number, so fewer "
+                                   "positions (e.g. v_proj) keep more of the signal; only these positions are cut "
+                                   "into pieces")
     dp_batch_size: int = setting(16, "the expected Poisson batch (records) of DP-SGD's steps, LoRA and gates: the "
                                      "noise on a step's mean gradient falls as the batch grows", low=1)
     gate_steps: int = setting(30, "gate training steps per sharer, for lm and contrast gates (0: lm gates stay at "
@@ -190,4 +195,25 @@ class ParticipantSettings:
 
     def __post_init__(self) -> None:
         check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "
-                                                    f"({self.top_k})")
+                                                    f"({self.top_k})",
+              _projection_list_problem("dp-lora-targets", self.dp_lora_targets))
+
+    @property
+    def dp_targets(self) -> tuple[str, ...]:
+        """dp-lora-targets as the module names a LoRA covers."""
+        return projection_names(self.dp_lora_targets)
+
+
+def projection_names(text: str) -> tuple[str, ...]:
+    """'q_proj, v_proj' -> ('q_proj', 'v_proj'): module names, in the order given, without repeats."""
+    return tuple(dict.fromkeys(name.strip() for name in str(text).split(",") if name.strip()))
+
+
+def _projection_list_problem(name: str, text: str) -> str | None:
+    names = projection_names(text)
+    if not names:
+        return f"{name} must name at least one projection (e.g. v_proj or q_proj,k_proj,v_proj,o_proj), got {text!r}"
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        return f"{name}: {', '.join(map(repr, bad))} is not a module name (write e.g. v_proj or q_proj,v_proj)"
+    return None

@@ -175,6 +175,18 @@ def test_the_accountant_counts_every_dp_step_of_both_phases(tiny_seed):
     assert longer.dp.taken == 14 and longer.dp.noise_multiplier > plan.noise_multiplier
 
 
+def test_a_dp_share_trains_and_cuts_only_its_dp_targets_and_a_plain_share_keeps_every_projection(tiny_seed):
+    values_only = replace(TINY_SHARE, dp_lora_targets="v_proj")
+    private = train_and_share(tiny_seed, records(), values_only, new_key(), share_seed=3, dp=DpSgd(8.0))
+    plain = train_and_share(tiny_seed, records(), values_only, new_key(), share_seed=3)
+    layers = tiny_seed.model.config.num_hidden_layers
+    assert sorted({p.position.rsplit(".", 1)[-1] for p in private.pieces}) == ["v_proj"]
+    assert len(private.pieces) == layers and all(p.dp_epsilon == private.epsilon for p in private.shared)
+    assert any(np.abs(p.B).sum() > 0 for p in private.pieces)  # trained, not left at LoRA's zero init
+    # without DP the setting does not apply: the LoRA covers the run's usual four projections
+    assert sorted({p.position.rsplit(".", 1)[-1] for p in plain.pieces}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
 def test_no_step_runs_past_what_the_accountant_counted(tiny_seed):
     plan = DpSgd(8.0).plan(records=4, batch_size=2, steps=1, generator=generator(0))
     one_step(tiny_seed, plan)
@@ -186,7 +198,9 @@ def test_no_step_runs_past_what_the_accountant_counted(tiny_seed):
 
 @pytest.mark.parametrize("change, name", [({"dp_lora_steps": 0}, "dp-lora-steps"),
                                           ({"dp_batch_size": 0}, "dp-batch-size"),
-                                          ({"dp_lora_steps": 2.5}, "dp-lora-steps")])
+                                          ({"dp_lora_steps": 2.5}, "dp-lora-steps"),
+                                          ({"dp_lora_targets": " , "}, "dp-lora-targets"),
+                                          ({"dp_lora_targets": "v_proj,q proj"}, "dp-lora-targets")])
 def test_bad_dp_training_settings_are_refused_by_name(change, name):
     with pytest.raises(ValueError, match=name):
         from_config(ParticipantSettings, {key(k): v for k, v in change.items()})
