@@ -135,6 +135,29 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
 
 
+def record_answer_losses(model, batch: dict) -> torch.Tensor:
+    """Each record's own mean answer-token loss, (batch,): the loss next_token_loss gives that record alone, with
+    the vocabulary projection on answer-predicting positions only (as answer_loss). A record with no answer token
+    left after cutting counts 0."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    labels = batch["labels"]
+    if decoder is None or head is None or getattr(base.config, "final_logit_softcapping", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_token = next_token_loss(logits, labels, reduction="none")
+        counts = (labels[:, 1:] != IGNORE).sum(dim=1)
+        return per_token.sum(dim=1) / counts.clamp(min=1)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    keep = predicts_answer_mask(labels)
+    logits = head(hidden[keep]).float()
+    targets = labels[:, 1:][keep[:, :-1]]
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    return sums / keep.sum(dim=1).clamp(min=1)
+
+
 def predicts_answer_mask(labels: torch.Tensor) -> torch.Tensor:
     """True at positions t whose hidden state predicts an answer token (labels[t+1] counts)."""
     mask = torch.zeros_like(labels, dtype=torch.bool)

@@ -44,8 +44,9 @@ Centroid gates (participants.feature_gates) are not trained but released once: t
 answer features, each record's clipped to C, plus N(0, σ²C² I), at the same σ. The accountant composes that
 full-batch release (q = 1) with the LoRA's steps, so the share's ε still covers everything it sends.
 
-Per-record gradients are taken one record at a time (a backward pass each): exact for any module (the LoRA
-layers of PEFT and the gate hooks of participants.lora_hooks alike), with no per-sample hooks to keep in step.
+Per-record gradients of the LoRA come from one backward pass over a few records at a time
+(participants.per_record_grads: exact for linear weights); the trained gates of participants.lora_hooks, which
+are not linear weights, take a backward pass per record.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ from dataclasses import dataclass
 
 import torch
 
-from participants.chat_data import Example, collate, next_token_loss
+from participants.chat_data import Example, collate, next_token_loss, record_answer_losses
+from participants.per_record_grads import PerRecordGradients, linear_owners
 from participants.progress import progress
 
 # RDP orders searched by the accountant: Opacus's defaults reach only 63, too few for small σ
@@ -159,14 +161,26 @@ def composed_noise_multiplier(epsilon: float, delta: float, history, tolerance: 
             return high
 
 
+# records per forward and backward pass of a DP-SGD step: the AdamW trainer's batch, so that DP-SGD's activation
+# memory stays the trainer's while each step needs a fraction of the passes of one record at a time
+MICRO_BATCH = 4
+
+
 def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int, opt, params, plan: DpPlan,
-                 desc: str, sched=None):
-    """`steps` DP-SGD steps over `examples` (Poisson batches, per-record clipping, Gaussian noise)."""
+                 desc: str, sched=None, micro_batch: int = MICRO_BATCH):
+    """`steps` DP-SGD steps over `examples` (Poisson batches, per-record clipping, Gaussian noise).
+
+    Per-record gradients come from one backward pass per `micro_batch` records where every parameter is a linear
+    weight (participants.per_record_grads: the LoRA), else from a backward pass per record (the gates'
+    hooks); either way each record's gradient is its own loss's, clipped alone. `micro_batch` 1 forces the
+    second path."""
     from participants.lora_training import TrainReport
 
     if plan.taken + steps > plan.steps:
         raise ValueError(f"{desc}: {steps} more DP-SGD steps would pass the {plan.steps} its ε was accounted for "
                          f"({plan.taken} taken): plan every phase's steps before training")
+    owners = linear_owners(model, params) if micro_batch > 1 else None
+    clipped_sum = _batched_clipped_sum if owners is not None else _one_by_one_clipped_sum
     report = TrainReport()
     n = len(examples)
     expected = plan.sample_rate * n
@@ -175,19 +189,9 @@ def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int
         for _ in range(steps):
             chosen = torch.nonzero(torch.rand(n, generator=plan.generator) < plan.sample_rate).flatten().tolist()
             total = [torch.zeros_like(p) for p in params]
-            losses, tokens = [], 0
-            for i in chosen:
-                batch = collate([examples[i]], pad_id, device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = next_token_loss(logits, batch["labels"])
-                loss.backward()
-                norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
-                scale = min(1.0, plan.clip_norm / (float(norm) + 1e-12))
-                for acc, p in zip(total, params):
-                    acc.add_(p.grad, alpha=scale)
-                    p.grad = None
-                losses.append(loss.item())
-                tokens += len(examples[i].input_ids)
+            losses = clipped_sum(model, [examples[i] for i in chosen], pad_id, device, params, owners, plan.clip_norm,
+                                 total, micro_batch)
+            tokens = sum(len(examples[i].input_ids) for i in chosen)
             std = plan.noise_multiplier * plan.clip_norm
             for acc, p in zip(total, params):
                 noise = torch.normal(0.0, std, size=acc.shape, generator=plan.generator).to(acc.device, acc.dtype)
@@ -206,3 +210,41 @@ def run_dp_steps(model, examples: list[Example], pad_id: int, device, steps: int
             bar.update(loss=report.losses[-1])
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _one_by_one_clipped_sum(model, chosen: list[Example], pad_id: int, device, params, owners, clip_norm: float,
+                            total: list[torch.Tensor], micro_batch: int) -> list[float]:
+    """Σ_i clip(g_i) into `total`, a backward pass per record: exact for any parameter. Returns the losses."""
+    losses = []
+    for example in chosen:
+        batch = collate([example], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = next_token_loss(logits, batch["labels"])
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
+        scale = min(1.0, clip_norm / (float(norm) + 1e-12))
+        for acc, p in zip(total, params):
+            acc.add_(p.grad, alpha=scale)
+            p.grad = None
+        losses.append(loss.item())
+    return losses
+
+
+def _batched_clipped_sum(model, chosen: list[Example], pad_id: int, device, params, owners, clip_norm: float,
+                         total: list[torch.Tensor], micro_batch: int) -> list[float]:
+    """Σ_i clip(g_i) into `total`, a backward pass per `micro_batch` records (linear weights only)."""
+    losses = []
+    with PerRecordGradients(owners) as caught:
+        for start in range(0, len(chosen), micro_batch):
+            batch = collate(chosen[start:start + micro_batch], pad_id, device)
+            per_record = record_answer_losses(model, batch)
+            per_record.sum().backward()  # each record's gradient is its own loss's: the records do not mix
+            grads = caught.take()
+            norms = torch.sqrt(sum((g ** 2).flatten(1).sum(dim=1) for g in grads))
+            scale = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
+            for acc, g in zip(total, grads):
+                acc.add_(torch.einsum("b,b...->...", scale, g).to(acc.dtype))
+            for p in params:
+                p.grad = None
+            losses.extend(per_record.tolist())
+    return losses

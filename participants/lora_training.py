@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from participants.chat_data import answer_loss, encode_all, endless_batches
-from participants.dp_sgd import DpPlan, run_dp_steps
+from participants.dp_sgd import MICRO_BATCH, DpPlan, run_dp_steps
 from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from protocols.records import PersonalRecord
@@ -34,6 +34,7 @@ class LoraSettings:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = ParticipantSettings.lora_dropout
     seed: int = ParticipantSettings.rng_seed
+    dp_micro_batch: int = MICRO_BATCH  # records per backward pass under DP-SGD (1: one at a time)
     trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
     zeroth_order: ZerothOrderSettings = field(default_factory=lambda: _zeroth_order_defaults())
 
@@ -97,7 +98,7 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
             if on_step is not None:
                 raise ValueError("on_step is not available with DP-SGD")
             report = run_dp_steps(model, examples, seed.tokenizer.pad_token_id, seed.device, settings.steps, opt,
-                                  params, dp, desc, sched=sched)
+                                  params, dp, desc, sched=sched, micro_batch=settings.dp_micro_batch)
         else:
             data = endless_batches(examples, settings.batch_size, seed.tokenizer.pad_token_id, seed.device,
                                    settings.seed)

@@ -7,6 +7,8 @@ Parts, each in tokens per second (non-pad tokens through the model) of bouquet a
   LoRA training   `train_private_lora` vs. PEFT + AdamW on the same batches (first step excluded)
   assembly        `assemble` over a 3-sharer pool vs. a no-grad forward of the bare seed
   gate shortlist  `shortlist` over the same pool's gates vs. the same forward
+  DP-SGD          `train_private_lora` under DP-SGD, per-record gradients from batched backward passes,
+                  vs. one backward pass per record (the same Poisson batches, clipping and noise)
 The sides alternate A B A B … over the repeats; the median per side is reported, with the
 process's peak memory after each part.
 """
@@ -20,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from rich.table import Table
 
 from participants.assembly import AssemblySettings, assemble, shortlist
 from participants.chat_data import IGNORE, batches, encode_all, endless_batches
+from participants.dp_sgd import MICRO_BATCH, DpPlan
 from participants.lora_training import LoraSettings, train_private_lora
 from participants.precision import PRECISIONS, describe
 from participants.seed_loading import LoadedSeed, load_seed
@@ -121,6 +125,19 @@ def bare_training(seed: LoadedSeed, data: list[Batch], settings: LoraSettings, s
         seed.model.requires_grad_(False)
 
 
+def dp_training(seed: LoadedSeed, records: list[PersonalRecord], settings: LoraSettings, micro_batch: int,
+                dp_batch: int) -> tuple[float, list[int]]:
+    """Tokens/s over steps 2..N of train_private_lora under DP-SGD (expected batch `dp_batch`, a pinned generator:
+    both sides draw the same records), its per-record gradients `micro_batch` records per backward pass."""
+    generator = torch.Generator()
+    generator.manual_seed(settings.seed)
+    plan = DpPlan(noise_multiplier=1.0, sample_rate=min(1.0, dp_batch / len(records)), clip_norm=1.0,
+                  steps=settings.steps, delta=1e-5, epsilon=float("nan"), generator=generator)
+    _, report = train_private_lora(seed, records, replace(settings, dp_micro_batch=micro_batch),
+                                   desc=f"DP-SGD, {micro_batch} a pass", dp=plan)
+    return sum(report.step_tokens[1:]) / (report.step_ends[-1] - report.step_ends[0]), report.step_tokens
+
+
 def random_pool(seed: LoadedSeed, settings: LoraSettings, sharers: int = 3) -> list[Piece]:
     """Signed pieces of the right shapes at every target module, random values, one key per sharer."""
     rng = np.random.default_rng(settings.seed)
@@ -187,7 +204,7 @@ def _part(bouquet: list[float], bare: list[float]) -> dict:
             "bouquet_runs": bouquet, "bare_runs": bare}
 
 
-def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
+def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int, dp_steps: int = 4, dp_batch: int = 16) -> dict:
     """All parts on the same records; bouquet and bare sides alternate within each repeat."""
     records = benchmark_records()
     tok, dev = seed.tokenizer, seed.device
@@ -220,6 +237,19 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
         listed.append(timed_shortlist(seed, records, gates, asm, hist_tokens))
     memory["gate_scoring"] = _memory(dev)
 
+    # DP-SGD's per-record gradients: batched against one record a pass; memory after each, the lean side first
+    dp_settings = replace(settings, steps=dp_steps)
+    one, batched, drawn = [], [], []
+    for _ in range(repeats):
+        speed, tokens = dp_training(seed, records, dp_settings, 1, dp_batch)
+        one.append(speed)
+        memory.setdefault("dp_one_record", _memory(dev))
+        speed, again = dp_training(seed, records, dp_settings, MICRO_BATCH, dp_batch)
+        batched.append(speed)
+        memory.setdefault("dp_batched", _memory(dev))
+        if tokens != again:
+            raise RuntimeError("the two DP-SGD sides drew different records")
+
     return {"seed": seed.descriptor.seed_id, "seed_hash": seed.descriptor.content_hash, "device": dev.type,
             "hardware": describe(dev, seed.precision),
             "torch_threads": torch.get_num_threads(), "records": len(records), "history_batches": len(hist),
@@ -227,8 +257,9 @@ def measure(seed: LoadedSeed, settings: LoraSettings, repeats: int) -> dict:
             "settings": {"steps": settings.steps, "batch_size": settings.batch_size, "max_len": settings.max_len,
                          "repeats": repeats, "rank": settings.rank, "alpha": settings.alpha,
                          "targets": list(settings.targets)},
+            "dp": {"steps": dp_steps, "expected_batch": dp_batch, "micro_batch": MICRO_BATCH},
             "parts": {"lora_training": training, "assembly": _part(assembled, forward),
-                      "shortlist": _part(listed, forward)},
+                      "shortlist": _part(listed, forward), "dp_sgd": _part(batched, one)},
             "memory": memory}
 
 
@@ -240,10 +271,12 @@ def print_report(result: dict, console: Console) -> None:
                   f"repeats {s['repeats']}, rank {s['rank']}; {result['records']} records, "
                   f"{result['history_batches']} history batches, pool of {result['pool_pieces']} pieces")
     table = Table(title="tokens/s, median over repeats",
-                  caption="bare: a PEFT + AdamW loop (training), a no-grad forward of the bare seed (the others)")
+                  caption="bare: a PEFT + AdamW loop (training), a no-grad forward of the bare seed (assemble, "
+                          "shortlist), a backward pass per record (DP-SGD)")
     for col in ("part", "bouquet", "bare", "ratio", "bouquet runs", "bare runs"):
         table.add_column(col, justify="left" if col == "part" else "right")
-    names = {"lora_training": "LoRA training", "assembly": "assemble", "shortlist": "shortlist"}
+    names = {"lora_training": "LoRA training", "assembly": "assemble", "shortlist": "shortlist",
+             "dp_sgd": f"DP-SGD ({result['dp']['micro_batch']} records a pass)"}
     for key, part in result["parts"].items():
         runs = [" ".join(f"{v:.0f}" for v in part[side]) for side in ("bouquet_runs", "bare_runs")]
         table.add_row(names[key], f"{part['bouquet_tokens_per_s']:.0f}", f"{part['bare_tokens_per_s']:.0f}",
@@ -268,10 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="alternating bouquet/bare runs per part")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the base's format (default auto: bf16 "
                                                                           "on a fast bf16 path, fp32 otherwise)")
+    p.add_argument("--dp-steps", type=int, default=4, help="DP-SGD steps per run (the first is warm-up)")
+    p.add_argument("--dp-batch", type=int, default=16, help="DP-SGD's expected batch (Poisson sampling)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
-    if args.steps < 2 or args.repeats < 1:
-        p.error("--steps must be at least 2 (the first is not counted) and --repeats at least 1")
+    if args.steps < 2 or args.dp_steps < 2 or args.repeats < 1 or args.dp_batch < 1:
+        p.error("--steps and --dp-steps must be at least 2 (the first is not counted), --repeats and --dp-batch "
+                "at least 1")
     if args.seed_model.startswith(EMBEDDED_PREFIX) or args.seed_model == TINY or Path(args.seed_model).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a hub
     try:
@@ -279,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bf16 asked of hardware without it
         p.error(str(err))
     settings = LoraSettings(steps=args.steps, batch_size=args.batch_size, max_len=args.max_len)
-    result = measure(seed, settings, args.repeats)
+    result = measure(seed, settings, args.repeats, dp_steps=args.dp_steps, dp_batch=args.dp_batch)
     print_report(result, Console())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

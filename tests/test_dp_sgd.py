@@ -270,3 +270,50 @@ def test_a_device_whose_policy_asks_for_dp_sgd_sends_pieces_that_say_so(tmp_path
     assert pieces and all(p.dp_epsilon == metrics["pieces-epsilon"] and p.signature_ok() for p in pieces)
     assert 5.4 <= metrics["pieces-epsilon"] <= 6 and metrics["pieces-noise-multiplier"] > 0
     assert device.ledger().releases()[-1] | {"time": 0} == {"what": "pieces", "epsilon": 6.0, "delta": 1e-5, "time": 0}
+
+
+def dp_step_update(tiny_seed, micro_batch: int, clip_norm: float, n: int = 6) -> list[torch.Tensor]:
+    """The change one noiseless DP-SGD step (SGD, lr 1, every record drawn) makes to a fresh LoRA on the tiny
+    model, its records' gradients taken `micro_batch` at a time."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_seed.model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none",
+                                                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():  # B away from zero, so that A's gradient is not zero either
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator(1)))
+        before = [p.detach().clone() for p in params]
+        lengths = [records(n)[i].output + " and more" * i for i in range(n)]  # records of different lengths: padding
+        examples = encode_all(tiny_seed.tokenizer, [PersonalRecord("ann", f"q {i}", a) for i, a in enumerate(lengths)],
+                              32)
+        plan = DpPlan(noise_multiplier=0.0, sample_rate=1.0, clip_norm=clip_norm, steps=1, delta=1e-5,
+                      epsilon=float("inf"), generator=generator(0))
+        run_dp_steps(model, examples, tiny_seed.tokenizer.pad_token_id, tiny_seed.device, 1,
+                     torch.optim.SGD(params, lr=1.0), params, plan, "t", micro_batch=micro_batch)
+        return [(p.detach() - b) for p, b in zip(params, before)]
+    finally:
+        model.unload()
+        tiny_seed.model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("clip_norm", [1e6, 0.05])
+def test_batched_per_record_gradients_clip_each_record_exactly_as_one_at_a_time(tiny_seed, clip_norm):
+    one_by_one = dp_step_update(tiny_seed, micro_batch=1, clip_norm=clip_norm)
+    batched = dp_step_update(tiny_seed, micro_batch=4, clip_norm=clip_norm)
+    assert sum(float(u.norm()) for u in one_by_one) > 1e-4  # the step moved the LoRA (A and B alike) ...
+    assert all(float(u.norm()) > 0 for u in one_by_one)
+    for a, b in zip(one_by_one, batched):  # ... and the batched records moved it the same way
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_per_record_gradients_are_refused_for_a_tied_or_non_linear_parameter(tiny_seed):
+    from participants.per_record_grads import linear_owners
+
+    model = tiny_seed.model
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    found = linear_owners(model, [model.get_output_embeddings().weight])
+    assert (found is None) == tied
+    assert linear_owners(model, [model.get_input_embeddings().weight]) is None  # an embedding, not a linear layer

@@ -7,10 +7,11 @@ from simulation.throughput import main
 
 def test_throughput_benchmark_measures_every_part(tmp_path, tiny_seed):
     out = tmp_path / "throughput.json"
-    assert main(["--seed-model", "tiny-random", "--steps", "3", "--repeats", "1", "--json", str(out)]) == 0
+    assert main(["--seed-model", "tiny-random", "--steps", "3", "--repeats", "1", "--dp-steps", "2", "--dp-batch", "8",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["seed"] == "tiny-random" and result["settings"]["steps"] == 3
-    assert set(result["parts"]) == {"lora_training", "assembly", "shortlist"}
+    assert set(result["parts"]) == {"lora_training", "assembly", "shortlist", "dp_sgd"}
     for part in result["parts"].values():
         ours, bare = part["bouquet_tokens_per_s"], part["bare_tokens_per_s"]
         assert ours > 0 and bare > 0
