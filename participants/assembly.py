@@ -2,7 +2,8 @@
 
 For each position m, with x the module's input on the newcomer's own history:
     score_s = mean over examples of ( mean over answer-predicting tokens of LN(x)·LN(g_s)/sqrt(d) )
-keep the top k pieces, w = softmax(score / tau), and mix A and B separately:
+keep the top k pieces (k = dp-top-k where every candidate carries DP-SGD's ε: their noise is independent, so
+more of them average it out), w = softmax(score / tau), and mix A and B separately:
     A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j   (s_j = alpha_j / rank_j folded into B)
 The mix is applied inside the same forward pass, so positions later in the network are scored on
 activations that already carry the earlier choices. Each history batch assembles anew; the
@@ -37,6 +38,7 @@ from protocols.settings import ParticipantSettings
 class AssemblySettings:
     """Defaults are the schema's (protocols.settings); participants.settings builds one from a run's settings."""
     top_k: int = ParticipantSettings.top_k
+    dp_top_k: int = ParticipantSettings.dp_top_k  # where every candidate of a position is DP-trained
     temperature: float = ParticipantSettings.temperature
     shortlist: int = ParticipantSettings.shortlist  # pieces per position fetched after the gate phase (>= top_k)
     batch_size: int = ParticipantSettings.assembly_batch_size
@@ -117,10 +119,21 @@ def shortlist(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple
     return keep
 
 
+def asked_k(pieces: list[Piece], settings: AssemblySettings) -> int:
+    """k asked at one position: dp-top-k where every candidate was trained by DP-SGD, top-k otherwise."""
+    return settings.dp_top_k if all(p.dp_epsilon is not None for p in pieces) else settings.top_k
+
+
+def pieces_to_mix(pieces: list[Piece], settings: AssemblySettings) -> int:
+    """k mixed at one position: the k asked, at most every candidate."""
+    return min(asked_k(pieces, settings), len(pieces))
+
+
 class _Position:
     """The candidates at one position, ready for scoring and mixing on the device."""
 
-    def __init__(self, pieces: list[Piece], device):
+    def __init__(self, pieces: list[Piece], device, k: int):
+        self.k = k
         self.ids = [p.piece_id for p in pieces]
         d_in = pieces[0].A.shape[1]
         self.gates_ln = F.layer_norm(torch.from_numpy(np.stack([p.gate for p in pieces])).float().to(device), (d_in,))
@@ -138,10 +151,11 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
     for p in pieces:
         if p.rank == rank:
             grouped[p.position].append(p)
-    positions = {pos: _Position(ps, seed.device) for pos, ps in grouped.items()}
+    positions = {pos: _Position(ps, seed.device, pieces_to_mix(ps, settings)) for pos, ps in grouped.items()}
     sums = {pos: [0.0, 0.0] for pos in positions}
     piece_weights = {pos: torch.zeros(len(c.ids), device=seed.device) for pos, c in positions.items()}
-    result = Assembly(weights={}, rank=rank * settings.top_k if settings.mix == "dw" else rank)
+    most = max(asked_k(ps, settings) for ps in grouped.values())  # dw's rank: the widest mix asked
+    result = Assembly(weights={}, rank=rank * most if settings.mix == "dw" else rank)
     state: dict = {}
 
     def make_hook(pos: str):
@@ -150,8 +164,7 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
         def hook(module, args, out):
             x = args[0]
             scores = _token_scores(x, cand.gates_ln, state["mask"])
-            k = min(settings.top_k, len(cand.ids))
-            top_scores, top = torch.topk(scores, k)
+            top_scores, top = torch.topk(scores, cand.k)
             w = torch.softmax(top_scores / settings.temperature, dim=0)
             state["choices"][pos] = [(cand.ids[i], float(wi)) for i, wi in zip(top.tolist(), w.tolist())]
             if settings.mix == "dw":  # sum_j w_j B_j A_j x: each piece's own update, no cross terms B_i A_j
@@ -237,8 +250,9 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed
         if p.rank == rank:
             grouped[p.position].append(p)
     weights, choices = {}, {}
+    most = max((asked_k(ps, settings) for ps in grouped.values()), default=settings.top_k)
     for pos, ps in grouped.items():
-        k = min(settings.top_k, len(ps))
+        k = pieces_to_mix(ps, settings)
         idx = rng.choice(len(ps), size=k, replace=False)
         w = np.exp(rng.standard_normal(k) / settings.temperature).astype(np.float32)
         w /= w.sum()
@@ -246,10 +260,9 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed
         if settings.mix == "dw":
             A = torch.from_numpy(np.stack([ps[i].A for i in idx]).astype(np.float32))
             B = torch.from_numpy(np.stack([ps[i].B * np.float32(ps[i].scaling) for i in idx]).astype(np.float32))
-            weights[pos] = _low_rank(A, B, torch.from_numpy(w * np.float32(settings.scale)), rank * settings.top_k)
+            weights[pos] = _low_rank(A, B, torch.from_numpy(w * np.float32(settings.scale)), rank * most)
         else:
             weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
                             np.float32(settings.scale) * sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling)
                                                              for wi, i in zip(w, idx)))
-    return Assembly(weights=weights, rank=rank * settings.top_k if settings.mix == "dw" else rank,
-                    choices=[choices])
+    return Assembly(weights=weights, rank=rank * most if settings.mix == "dw" else rank, choices=[choices])

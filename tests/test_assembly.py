@@ -168,3 +168,29 @@ def test_mix_scale_multiplies_the_assembled_update_and_keeps_the_choice(tiny_see
     rnd = [random_assembly(pieces, AssemblySettings(top_k=2, mix=mix, scale=s), rng_seed=1) for s in (1.0, 0.5)]
     assert rnd[0].choices == rnd[1].choices
     np.testing.assert_allclose(update(rnd[1]), 0.5 * update(rnd[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_dp_trained_pieces_are_mixed_dp_top_k_at_a_time_and_a_position_with_any_other_top_k(tiny_seed, make_records,
+                                                                                          key):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(7)
+    history = make_records("n", "ZAP", 4)
+
+    def piece(position, dp):
+        p = make_piece(tiny_seed.descriptor, position, rng, key)
+        return replace(p, dp_epsilon=8.0, dp_delta=1e-5).signed(key) if dp else p
+
+    private = [piece(Q0, True) for _ in range(5)]  # every candidate at Q0 carries an ε
+    mixed = [piece(O0, True) for _ in range(4)] + [piece(O0, False)]  # one at O0 makes no privacy claim
+    settings = AssemblySettings(top_k=2, dp_top_k=4, batch_size=8, mix="dw")
+    for assembled in (assemble(tiny_seed, history, private + mixed, settings),
+                      random_assembly(private + mixed, settings, rng_seed=0)):
+        for choice in assembled.choices:
+            assert len(choice[Q0]) == 4 and len(choice[O0]) == 2
+        assert assembled.rank == 4 * private[0].rank  # dw keeps the widest position's mix exactly
+        A, B = assembled.weights[O0]
+        assert A.shape[0] == B.shape[1] == assembled.rank  # narrower mixes are padded to the adapter's rank
+    # dp-top-k past the candidates takes them all
+    wide = assemble(tiny_seed, history, private, AssemblySettings(top_k=2, dp_top_k=9, batch_size=8))
+    assert len(wide.choices[0][Q0]) == 5 and wide.rank == 9 * private[0].rank
