@@ -234,6 +234,7 @@ def _batched_clipped_sum(model, chosen: list[Example], pad_id: int, device, para
                          total: list[torch.Tensor], micro_batch: int) -> list[float]:
     """Σ_i clip(g_i) into `total`, a backward pass per `micro_batch` records (linear weights only)."""
     losses = []
+    chosen = sorted(chosen, key=lambda e: len(e.input_ids))  # records of like length share a pass: less padding
     with PerRecordGradients(owners) as caught:
         for start in range(0, len(chosen), micro_batch):
             batch = collate(chosen[start:start + micro_batch], pad_id, device)
