@@ -46,14 +46,14 @@ def user(pid: int, name: str) -> UserData:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
     catalog = tiny_catalog(tmp_path / "catalog")
     users = [user(pid, name) for pid, name in enumerate(NAMES)]
     run_dir = tmp_path / "run"
     settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=2, newcomers=1,
                                 lora_steps=2, gate_steps=1, lora_rank=4, lora_alpha=8, max_len=48, max_new_tokens=4,
-                                generate=False, timeout=300, sharer_selection="most-active", min_nodes=len(users),
+                                generate=False, timeout=600, sharer_selection="most-active", min_nodes=len(users),
                                 catalog=str(catalog.folder))
     mapping = prepare_devices(users, run_dir, settings.rng_seed)
     # the last device's data is broken in a way whose message names its user and its file
@@ -88,7 +88,7 @@ def test_no_name_path_or_record_text_reaches_the_coordinator(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_real_health_tweets_with_dp_sgd_pieces_leave_no_trace_on_the_coordinator(tmp_path):
     """The same audit on real records (four health-tweet accounts: URLs, names of outlets, hashtags), with every
     device's policy training its pieces by DP-SGD, through `bouquet simulate --audit-wire`'s own audit."""
@@ -101,7 +101,7 @@ def test_real_health_tweets_with_dp_sgd_pieces_leave_no_trace_on_the_coordinator
     run_dir = tmp_path / "run"
     settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=2, newcomers=2,
                                 lora_steps=2, dp_lora_steps=2, gate_steps=1, lora_rank=4, lora_alpha=8, max_len=48,
-                                max_new_tokens=4, timeout=300, min_nodes=len(users), piece_epsilon=8.0, history=6)
+                                max_new_tokens=4, timeout=600, min_nodes=len(users), piece_epsilon=8.0, history=6)
     assert settings.device_policy() == PrivacyPolicy(piece_epsilon=8.0, min_share_records=6)
     mapping = prepare_devices(users, run_dir, settings.rng_seed, settings.device_policy())
     grids: list = []

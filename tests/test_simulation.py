@@ -12,9 +12,11 @@ from simulation.datasets import load_users
 from simulation.federation import collect_adapters, prepare_devices, simulate_devices
 from simulation.settings import SimulateSettings
 
-# A simulation waits up to its `timeout` (300 s) for a step's replies: the test's own limit lies above it, so
-# that a stuck participant is reported by the simulation, not cut off by pytest-timeout.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+# A simulation waits up to its `timeout` (600 s) for a step's replies: the test's own limit lies above it, so
+# that a stuck participant is reported by the simulation, not cut off by pytest-timeout. The first step starts
+# every Ray worker: on 2 cores shared with other jobs that once took past 300 s, so the margin is wide (a broken
+# participant answers with an error at once, so the wait costs nothing when all is well).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 STYLES = ["ZAP!", "meh.", "Dear sir,", "lol", "KINDLY NOTE", "~~"]
 
 
@@ -22,7 +24,7 @@ def simulate(root, catalog, users):
     """The run's summary (summary.json): the coordinator's report joined with the devices' users by the harness."""
     run_dir = root / "run"
     settings = SimulateSettings(seed_model="tiny-random", out_dir=str(run_dir), sharers=3, newcomers=2,
-                                lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=300,
+                                lora_steps=8, gate_steps=4, lora_rank=4, lora_alpha=8, max_new_tokens=8, timeout=600,
                                 sharer_selection="most-active", min_nodes=len(users), catalog=str(catalog.folder))
     mapping = prepare_devices(users, run_dir, settings.rng_seed)
     # one participant whose data is corrupt: it answers every message with an error
