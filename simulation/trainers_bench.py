@@ -222,9 +222,9 @@ def precision_part(s: TrainersBenchSettings, users, records) -> dict:
     dev = pick_device()
     hw = bf16_hardware(dev)
     users = users[: s.precision_users]
-    out: dict = {"hardware": hw.what, "skipped": {}}
+    out: dict = {"hardware": hw.what, "users": [u.user for u in users], "skipped": {}}
     if not hw.native:
-        out["skipped"]["bf16"] = f"{hw.what}: no bf16 arithmetic"
+        out["skipped"]["bf16"] = hw.what  # says why: "CPU without bf16 arithmetic", "CUDA ... without bf16"
     if int8_supported(dev):
         out["skipped"]["int8"] = int8_supported(dev)
     for precision in [p for p in ("fp32", "bf16", "int8") if p not in out["skipped"]]:
@@ -327,7 +327,7 @@ def _quality_md(q: dict) -> list[str]:
 
 
 def _precision_md(p: dict) -> list[str]:
-    lines = ["## precision of the base", "", f"{p['hardware']}", "",
+    lines = ["## precision of the base", "", f"{p['hardware']}; AdamW trained on {len(p['users'])} users", "",
              "| base | weights MiB | forward s | × fp32 speed | LoRA step s | × fp32 speed | held-out ppl after AdamW "
              "| ÷ fp32 |", "|---|---|---|---|---|---|---|---|"]
     for name in ("fp32", "bf16", "int8"):
@@ -364,7 +364,8 @@ def run_trainers_bench(s: TrainersBenchSettings, out: Path) -> dict:
     from simulation.datasets import load_users
 
     resolve_precision(s.precision, pick_device())  # refused before any work
-    users = load_users(s.data, history_size=s.history, test_size=s.test, seed=s.rng_seed)[: s.users]
+    everyone = load_users(s.data, history_size=s.history, test_size=s.test, seed=s.rng_seed)
+    users = everyone[: s.users]
     if not users:
         raise ValueError(f"{s.data} gives no user with {s.history}+{s.test} items")
     out.mkdir(parents=True, exist_ok=True)
@@ -376,7 +377,7 @@ def run_trainers_bench(s: TrainersBenchSettings, out: Path) -> dict:
     parts = {"memory": lambda: memory_part(s, records_path, seed),
              "throughput": lambda: throughput_part(s, seed, users[0].history),
              "quality": lambda: quality_part(s, seed, users, out),
-             "precision": lambda: precision_part(s, users, users[0].history)}
+             "precision": lambda: precision_part(s, everyone, users[0].history)}  # its own count of users
     for name in PARTS:
         report[name] = parts[name]() if name in s.parts else None
         (out / "report.json").write_text(json.dumps(report, indent=1, default=lambda o: None))  # so far

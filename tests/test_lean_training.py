@@ -301,3 +301,19 @@ def test_a_device_budget_in_limits_json_picks_or_refuses_the_trainer(tiny_seed, 
     assert fit_trainer(tiny_seed, s, 1000).trainer == "adamw"
     assert fit_trainer(tiny_seed, replace(s, batch_size=1), budget).trainer in ("adamw", "zeroth-order")
     assert fit_trainer(tiny_seed, replace(s, trainer="zeroth-order"), 0).trainer == "zeroth-order"
+
+
+def test_the_precision_part_trains_on_precision_users_even_beyond_the_quality_users(tmp_path):
+    from protocols.records import PersonalRecord, save_records
+    from simulation.trainers_bench import TrainersBenchSettings, markdown, run_trainers_bench
+
+    data = tmp_path / "data.jsonl"
+    save_records([PersonalRecord(u, f"describe thing {i}", f"{m} thing {i} {m}")
+                  for u, m in (("ann", "ZAP"), ("bob", "ZIP"), ("cy", "ZUP")) for i in range(12)], data)
+    s = TrainersBenchSettings(seed_model="tiny-random", data=str(data), users=1, precision_users=2, history=8,
+                              test=4, lora_steps=2, max_len=64, parts=("precision",))
+    report = run_trainers_bench(s, tmp_path / "out")
+    p = report["precision"]
+    assert report["users"] == ["ann"] and p["users"] == ["ann", "bob"]
+    assert len(p["fp32"]["trained_perplexity"]) == len(p["fp32"]["base_perplexity"]) == 2
+    assert "AdamW trained on 2 users" in markdown(report)
