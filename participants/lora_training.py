@@ -34,7 +34,6 @@ class LoraSettings:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = ParticipantSettings.lora_dropout
     seed: int = ParticipantSettings.rng_seed
-    factors: str = "AB"  # the factors trained: AB, or B (A frozen at its random start)
     dp_micro_batch: int = MICRO_BATCH  # records per backward pass under DP-SGD (1: one at a time)
     trainer: str = "adamw"  # or "zeroth-order" (participants.zeroth_order); "auto" is resolved before, by the device
     zeroth_order: ZerothOrderSettings = field(default_factory=lambda: _zeroth_order_defaults())
@@ -90,9 +89,6 @@ def train_private_lora(seed: LoadedSeed, records: list[PersonalRecord], settings
         layers = _lora_layers(model)
         if init is not None:
             _load_weights(layers, init, settings.rank, seed.device)
-        if settings.factors == "B":  # A stays as initialised (or as `init` gives it): only B learns
-            for layer in layers.values():
-                layer.lora_A["default"].weight.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / settings.steps)))

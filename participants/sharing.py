@@ -64,7 +64,7 @@ def train_and_share(seed: LoadedSeed, history: list[PersonalRecord], s: Particip
     batches and noise). `dp` trains the LoRA and its gates by DP-SGD, its (ε, δ) in every piece. `who` labels the
     progress lines: a device's ClientApp leaves it at "sharer" (its log names no user); a benchmark may name."""
     training = (lora_settings(s, lr=s.dp_lora_lr, steps=s.dp_lora_steps, batch_size=s.dp_batch_size,
-                              targets=s.dp_targets, factors=s.dp_lora_factors)
+                              targets=s.dp_targets)
                 if dp is not None else lora_settings(s))
     plan = dp_plan(dp, len(history), s, share_seed) if dp is not None else None
     weights, lora = train_private_lora(seed, history, training, desc=f"{who}: private LoRA", dp=plan)

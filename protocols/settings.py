@@ -130,11 +130,6 @@ class ParticipantSettings:
                                    "trains it by DP-SGD: the noise is spread over every trained number, so fewer "
                                    "positions (e.g. v_proj) keep more of the signal; only these positions are cut "
                                    "into pieces")
-    dp_lora_factors: str = setting("AB", "the LoRA factors DP-SGD trains on a device whose policy asks for it: AB "
-                                         "(both), or B (A keeps its random start, as FFA-LoRA does under DP): A "
-                                         "is most of a projection's LoRA numbers (v_proj: 4,608 of 6,144) and "
-                                         "its slope is zero while B starts at zero, so its share of the noise "
-                                         "buys little signal", choices=("AB", "B"))
     dp_batch_size: int = setting(16, "the expected Poisson batch (records) of DP-SGD's steps, LoRA and gates: the "
                                      "noise on a step's mean gradient falls as the batch grows", low=1)
     gate_steps: int = setting(30, "gate training steps per sharer, for lm and contrast gates (0: lm gates stay at "
