@@ -3,7 +3,8 @@
 For each position m, with x the module's input on the newcomer's own history:
     score_s = mean over examples of ( mean over answer-predicting tokens of LN(x)·LN(g_s)/sqrt(d) )
 keep the top k pieces (k = dp-top-k where every candidate carries DP-SGD's ε: their noise is independent, so
-more of them average it out), w = softmax(score / tau), and mix A and B separately:
+more of them average it out), w = softmax(score / tau) (tau = dp-temperature there: noisy pieces and noisy gates
+are better mixed evenly), and mix A and B separately:
     A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j   (s_j = alpha_j / rank_j folded into B)
 The mix is applied inside the same forward pass, so positions later in the network are scored on
 activations that already carry the earlier choices. Each history batch assembles anew; the
@@ -40,6 +41,7 @@ class AssemblySettings:
     top_k: int = ParticipantSettings.top_k
     dp_top_k: int = ParticipantSettings.dp_top_k  # where every candidate of a position is DP-trained
     temperature: float = ParticipantSettings.temperature
+    dp_temperature: float = ParticipantSettings.dp_temperature  # where every candidate of a position is DP-trained
     shortlist: int = ParticipantSettings.shortlist  # pieces per position fetched after the gate phase (>= top_k)
     batch_size: int = ParticipantSettings.assembly_batch_size
     max_len: int = ParticipantSettings.max_len
@@ -119,9 +121,19 @@ def shortlist(seed: LoadedSeed, history: list[PersonalRecord], gates: list[tuple
     return keep
 
 
+def all_dp(pieces: list[Piece]) -> bool:
+    """Whether every candidate of a position was trained by DP-SGD (its ε in the piece)."""
+    return all(p.dp_epsilon is not None for p in pieces)
+
+
 def asked_k(pieces: list[Piece], settings: AssemblySettings) -> int:
     """k asked at one position: dp-top-k where every candidate was trained by DP-SGD, top-k otherwise."""
-    return settings.dp_top_k if all(p.dp_epsilon is not None for p in pieces) else settings.top_k
+    return settings.dp_top_k if all_dp(pieces) else settings.top_k
+
+
+def mix_temperature(pieces: list[Piece], settings: AssemblySettings) -> float:
+    """The softmax temperature at one position: dp-temperature where every candidate was trained by DP-SGD."""
+    return settings.dp_temperature if all_dp(pieces) else settings.temperature
 
 
 def pieces_to_mix(pieces: list[Piece], settings: AssemblySettings) -> int:
@@ -132,8 +144,9 @@ def pieces_to_mix(pieces: list[Piece], settings: AssemblySettings) -> int:
 class _Position:
     """The candidates at one position, ready for scoring and mixing on the device."""
 
-    def __init__(self, pieces: list[Piece], device, k: int):
+    def __init__(self, pieces: list[Piece], device, k: int, temperature: float):
         self.k = k
+        self.temperature = temperature
         self.ids = [p.piece_id for p in pieces]
         d_in = pieces[0].A.shape[1]
         self.gates_ln = F.layer_norm(torch.from_numpy(np.stack([p.gate for p in pieces])).float().to(device), (d_in,))
@@ -151,7 +164,8 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
     for p in pieces:
         if p.rank == rank:
             grouped[p.position].append(p)
-    positions = {pos: _Position(ps, seed.device, pieces_to_mix(ps, settings)) for pos, ps in grouped.items()}
+    positions = {pos: _Position(ps, seed.device, pieces_to_mix(ps, settings), mix_temperature(ps, settings))
+                 for pos, ps in grouped.items()}
     sums = {pos: [0.0, 0.0] for pos in positions}
     piece_weights = {pos: torch.zeros(len(c.ids), device=seed.device) for pos, c in positions.items()}
     most = max(asked_k(ps, settings) for ps in grouped.values())  # dw's rank: the widest mix asked
@@ -165,7 +179,7 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
             x = args[0]
             scores = _token_scores(x, cand.gates_ln, state["mask"])
             top_scores, top = torch.topk(scores, cand.k)
-            w = torch.softmax(top_scores / settings.temperature, dim=0)
+            w = torch.softmax(top_scores / cand.temperature, dim=0)
             state["choices"][pos] = [(cand.ids[i], float(wi)) for i, wi in zip(top.tolist(), w.tolist())]
             if settings.mix == "dw":  # sum_j w_j B_j A_j x: each piece's own update, no cross terms B_i A_j
                 piece_weights[pos][top] += w
@@ -254,7 +268,7 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed
     for pos, ps in grouped.items():
         k = pieces_to_mix(ps, settings)
         idx = rng.choice(len(ps), size=k, replace=False)
-        w = np.exp(rng.standard_normal(k) / settings.temperature).astype(np.float32)
+        w = np.exp(rng.standard_normal(k) / mix_temperature(ps, settings)).astype(np.float32)
         w /= w.sum()
         choices[pos] = [(ps[i].piece_id, float(wi)) for i, wi in zip(idx, w)]
         if settings.mix == "dw":

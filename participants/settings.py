@@ -28,6 +28,7 @@ def lora_settings(s: ParticipantSettings, **changes) -> LoraSettings:
 
 def assembly_settings(s: ParticipantSettings, **changes) -> AssemblySettings:
     return replace(AssemblySettings(top_k=s.top_k, dp_top_k=s.dp_top_k, temperature=s.temperature,
+                                    dp_temperature=s.dp_temperature,
                                     shortlist=s.shortlist,
                                     batch_size=s.assembly_batch_size, max_len=s.max_len, mix=s.mix,
                                     scale=s.mix_scale), **changes)

@@ -153,6 +153,11 @@ class ParticipantSettings:
                                "out over more pieces (16 health-tweet users at ε 8: 6 beat 3 for 13 of 16, while "
                                "without DP 3 beat 6 for 7 of 8)", low=1)
     temperature: float = setting(1.0, "softmax temperature of the mix", low=0, low_open=True)
+    dp_temperature: float = setting(10.0, "softmax temperature of the mix at a position where every candidate was "
+                                          "trained by DP-SGD: their gates are noised too, so a near-even mix "
+                                          "averages more noise away (16 health-tweet users at ε 8: 3 beat 1 for 15 "
+                                          "of 16, 10 beat 3 for 13 of 16)",
+                                    low=0, low_open=True)
     mix: str = setting("dw", "how the chosen pieces of a position mix: dw (the updates B A averaged, kept exactly "
                              "at rank top-k x lora-rank; the default) or ab (A and B averaged separately, as "
                              "Per-Pcs; cross terms B_i A_j that no sharer trained)", choices=("dw", "ab"))

@@ -194,3 +194,30 @@ def test_dp_trained_pieces_are_mixed_dp_top_k_at_a_time_and_a_position_with_any_
     # dp-top-k past the candidates takes them all
     wide = assemble(tiny_seed, history, private, AssemblySettings(top_k=2, dp_top_k=9, batch_size=8))
     assert len(wide.choices[0][Q0]) == 5 and wide.rank == 9 * private[0].rank
+
+
+def test_dp_temperature_evens_the_mix_only_where_every_candidate_was_dp_trained(tiny_seed, make_records, key):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(8)
+    history = make_records("n", "ZAP", 4)
+
+    def piece(position, dp):
+        p = make_piece(tiny_seed.descriptor, position, rng, key)
+        return replace(p, dp_epsilon=8.0, dp_delta=1e-5).signed(key) if dp else p
+
+    private = [piece(Q0, True) for _ in range(3)]
+    mixed = private[:2] + [piece(Q0, False)]  # one candidate makes no privacy claim
+
+    def spread(pieces, settings):  # largest / smallest weight at Q0 (scored first, on the bare seed), first batch
+        w = [wi for _, wi in assemble(tiny_seed, history, pieces, settings).choices[0][Q0]]
+        return max(w) / min(w)
+
+    base = AssemblySettings(top_k=3, dp_top_k=3, batch_size=8, mix="dw")
+    sharp, even = replace(base, dp_temperature=0.01), replace(base, dp_temperature=100.0)
+    assert spread(private, sharp) > 10 and spread(private, even) < 1.05  # all DP: dp-temperature
+    assert spread(mixed, sharp) == pytest.approx(spread(mixed, even))  # with a plain piece: temperature
+    assert spread(mixed, sharp) > 1.05
+    for pieces, uneven in ((private, False), (mixed, True)):  # the random baseline follows the same rule
+        w = [wi for _, wi in random_assembly(pieces, even, rng_seed=0).choices[0][Q0]]
+        assert (max(w) / min(w) > 1.05) == uneven
