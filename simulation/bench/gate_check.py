@@ -19,6 +19,7 @@ import torch
 from participants.adapters import branches
 from participants.assembly import gate_scores
 from participants.evaluation import perplexity
+from participants.progress import progress
 from participants.seed_loading import LoadedSeed
 from participants.settings import assembly_settings
 from protocols.pieces import Piece
@@ -98,9 +99,15 @@ def check_gates(seed: LoadedSeed, s: ParticipantSettings, sharers: list[UserData
                 oracles: list[tuple[UserData, dict[str, list[Piece]]]], results, max_len: int) -> None:
     """Append to `results` the own-piece rank of every sharer in `pool` and the oracle of every (target, the
     full adapters it may choose from) not done yet."""
-    for u in sharers:
-        if ("gates", u.user) not in results.done and u.user in pool:
+    ranks = [u for u in sharers if ("gates", u.user) not in results.done and u.user in pool]
+    ceilings = [(t, adapters) for t, adapters in oracles if ("oracle", t.user) not in results.done]
+    if not ranks and not ceilings:
+        return
+    # one step per sharer ranked and per single adapter scored: over 16 users this is many minutes of work
+    with progress(len(ranks) + sum(len(a) for _, a in ceilings), "gate check and oracles") as bar:
+        for u in ranks:
             results.append(own_piece_ranks(seed, u, pool, s))
-    for t, adapters in oracles:
-        if ("oracle", t.user) not in results.done:
+            bar.update()
+        for t, adapters in ceilings:
             results.append(oracle(seed, t, adapters, max_len))
+            bar.update(len(adapters))
