@@ -4,8 +4,10 @@ For each position m, with x the module's input on the newcomer's own history:
     score_s = mean over examples of ( mean over answer-predicting tokens of LN(x)·LN(g_s)/sqrt(d) )
 keep the top k pieces (k = dp-top-k where every candidate carries DP-SGD's ε: their noise is independent, so
 more of them average it out), w = softmax(score / tau) (tau = dp-temperature there: noisy pieces and noisy gates
-are better mixed evenly), and mix A and B separately:
-    A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j   (s_j = alpha_j / rank_j folded into B)
+are better mixed evenly), and mix the updates (dw, the default) or A and B separately (ab, Per-Pcs's own):
+    dW_m = sum_j w_j s_j B_j A_j            or    A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j
+(s_j = alpha_j / rank_j folded into B). With mix-norm "pieces" a dw mix is rescaled to sum_j w_j |s_j B_j A_j|
+(Frobenius): pieces whose directions differ no longer shorten the mix, and it is never longer than its longest.
 The mix is applied inside the same forward pass, so positions later in the network are scored on
 activations that already carry the earlier choices. Each history batch assembles anew; the
 adapter is the uniform mean of the per-batch mixes.
@@ -47,6 +49,7 @@ class AssemblySettings:
     max_len: int = ParticipantSettings.max_len
     mix: str = ParticipantSettings.mix  # "ab": A and B averaged separately; "dw": the updates B A averaged
     scale: float = ParticipantSettings.mix_scale  # on the mixed update: a mean of pieces is shorter than each
+    norm: str = ParticipantSettings.mix_norm  # "pieces": a dw mix as long as its pieces are, on average
 
 
 @dataclass
@@ -144,7 +147,7 @@ def pieces_to_mix(pieces: list[Piece], settings: AssemblySettings) -> int:
 class _Position:
     """The candidates at one position, ready for scoring and mixing on the device."""
 
-    def __init__(self, pieces: list[Piece], device, k: int, temperature: float):
+    def __init__(self, pieces: list[Piece], device, k: int, temperature: float, rescale: bool):
         self.k = k
         self.temperature = temperature
         self.ids = [p.piece_id for p in pieces]
@@ -152,6 +155,7 @@ class _Position:
         self.gates_ln = F.layer_norm(torch.from_numpy(np.stack([p.gate for p in pieces])).float().to(device), (d_in,))
         self.A = torch.from_numpy(np.stack([p.A for p in pieces])).float().to(device)  # (n, r, d_in)
         self.B = torch.from_numpy(np.stack([p.B * p.scaling for p in pieces])).float().to(device)  # (n, d_out, r)
+        self.gram = update_gram(self.A, self.B) if rescale else None  # <B_i A_i, B_j A_j>, for mix-norm pieces
 
 
 def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece],
@@ -164,7 +168,8 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
     for p in pieces:
         if p.rank == rank:
             grouped[p.position].append(p)
-    positions = {pos: _Position(ps, seed.device, pieces_to_mix(ps, settings), mix_temperature(ps, settings))
+    positions = {pos: _Position(ps, seed.device, pieces_to_mix(ps, settings), mix_temperature(ps, settings),
+                                rescales(ps, settings))
                  for pos, ps in grouped.items()}
     sums = {pos: [0.0, 0.0] for pos in positions}
     piece_weights = {pos: torch.zeros(len(c.ids), device=seed.device) for pos, c in positions.items()}
@@ -181,6 +186,8 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
             top_scores, top = torch.topk(scores, cand.k)
             w = torch.softmax(top_scores / cand.temperature, dim=0)
             state["choices"][pos] = [(cand.ids[i], float(wi)) for i, wi in zip(top.tolist(), w.tolist())]
+            if cand.gram is not None:
+                w = w * length_factor(cand.gram[top][:, top], w)
             if settings.mix == "dw":  # sum_j w_j B_j A_j x: each piece's own update, no cross terms B_i A_j
                 piece_weights[pos][top] += w
                 xa = torch.einsum("btd,nrd->btnr", x, cand.A[top].to(x.dtype))
@@ -217,6 +224,29 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
         result.weights = {pos: ((a / n).cpu().numpy(), (b / n).cpu().numpy()) for pos, (a, b) in sums.items()}
     result.seconds = time.perf_counter() - start
     return result
+
+
+def rescales(pieces: list[Piece], settings: AssemblySettings) -> bool:
+    """Whether a position's dw mix is rescaled to its pieces' mean length: mix-norm pieces, except where every
+    candidate is DP-trained (there the mean's shortness is independent noise cancelling, which a rescale undoes)."""
+    return settings.norm == "pieces" and settings.mix == "dw" and not all_dp(pieces)
+
+
+def update_gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(n, n) Frobenius inner products <B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T)), without forming any
+    d_out x d_in update."""
+    btb = torch.einsum("ior,jos->ijrs", B.double(), B.double())
+    aat = torch.einsum("ird,jsd->ijrs", A.double(), A.double())
+    return (btb * aat).sum(dim=(-2, -1))
+
+
+def length_factor(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The factor that makes |sum_j w_j dW_j| equal sum_j w_j |dW_j| (1 where the mix is zero)."""
+    wd = w.double()
+    mixed = torch.sqrt(torch.clamp(wd @ gram @ wd, min=0.0))
+    own = (wd * torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0))).sum()
+    factor = own / mixed if float(mixed) > 0 else torch.ones((), dtype=torch.float64)
+    return factor.to(w.dtype)
 
 
 def mixed_factors(A: torch.Tensor, B: torch.Tensor, w: torch.Tensor, mix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +304,10 @@ def random_assembly(pieces: list[Piece], settings: AssemblySettings, *, rng_seed
         if settings.mix == "dw":
             A = torch.from_numpy(np.stack([ps[i].A for i in idx]).astype(np.float32))
             B = torch.from_numpy(np.stack([ps[i].B * np.float32(ps[i].scaling) for i in idx]).astype(np.float32))
-            weights[pos] = _low_rank(A, B, torch.from_numpy(w * np.float32(settings.scale)), rank * most)
+            tw = torch.from_numpy(w)
+            if rescales(ps, settings):
+                tw = tw * length_factor(update_gram(A, B), tw)
+            weights[pos] = _low_rank(A, B, tw * np.float32(settings.scale), rank * most)
         else:
             weights[pos] = (sum(wi * ps[i].A.astype(np.float32) for wi, i in zip(w, idx)),
                             np.float32(settings.scale) * sum(wi * ps[i].B.astype(np.float32) * np.float32(ps[i].scaling)

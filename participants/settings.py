@@ -31,4 +31,4 @@ def assembly_settings(s: ParticipantSettings, **changes) -> AssemblySettings:
                                     dp_temperature=s.dp_temperature,
                                     shortlist=s.shortlist,
                                     batch_size=s.assembly_batch_size, max_len=s.max_len, mix=s.mix,
-                                    scale=s.mix_scale), **changes)
+                                    scale=s.mix_scale, norm=s.mix_norm), **changes)

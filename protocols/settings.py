@@ -164,6 +164,12 @@ class ParticipantSettings:
     mix_scale: float = setting(1.0, "factor on the assembled update (scale x the mix): a weighted mean of "
                                     "independently trained pieces is shorter than each, as their own directions "
                                     "partly cancel", low=0, low_open=True, high=4)
+    mix_norm: str = setting("mean", "the length of a dw mix: mean (the weighted mean of the pieces' updates, "
+                                    "shorter than each where their directions differ) or pieces (that mean "
+                                    "rescaled to the weighted mean of the pieces' own lengths, never longer than "
+                                    "the longest piece); where every candidate was trained by DP-SGD the mean is "
+                                    "kept, as its shortness there is independent noise averaging out",
+                            choices=("mean", "pieces"))
     shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
                              low=1)
     gate_records: int = setting(0, "history items a newcomer scores the pool's gates on before choosing what to "
@@ -205,7 +211,9 @@ class ParticipantSettings:
     def __post_init__(self) -> None:
         check(self, self.shortlist < self.top_k and f"shortlist ({self.shortlist}) must be at least top-k "
                                                     f"({self.top_k})",
-              _projection_list_problem("dp-lora-targets", self.dp_lora_targets))
+              _projection_list_problem("dp-lora-targets", self.dp_lora_targets),
+              self.mix_norm != "mean" and self.mix != "dw" and f"mix-norm {self.mix_norm} rescales a dw mix: use "
+                                                               f"mix dw, or mix-norm mean with mix {self.mix}")
 
     @property
     def dp_targets(self) -> tuple[str, ...]:

@@ -221,3 +221,35 @@ def test_dp_temperature_evens_the_mix_only_where_every_candidate_was_dp_trained(
     for pieces, uneven in ((private, False), (mixed, True)):  # the random baseline follows the same rule
         w = [wi for _, wi in random_assembly(pieces, even, rng_seed=0).choices[0][Q0]]
         assert (max(w) / min(w) > 1.05) == uneven
+
+
+def test_mix_norm_pieces_makes_the_mix_as_long_as_its_pieces_except_where_all_are_dp(tiny_seed, make_records, key):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(11)
+    history = make_records("n", "ZAP", 4)
+    pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(3)]
+    private = [replace(p, dp_epsilon=8.0, dp_delta=1e-5).signed(key) for p in pieces]
+
+    def lengths(assembly, used):  # the mix's Frobenius length, and its pieces' weighted mean length
+        A, B = assembly.weights[Q0]
+        w = dict(assembly.choices[0][Q0])
+        own = sum(w[p.piece_id] * np.linalg.norm(p.scaling * p.B @ p.A) for p in used if p.piece_id in w)
+        return np.linalg.norm(B @ A), own
+
+    mean = AssemblySettings(top_k=3, dp_top_k=3, dp_temperature=1.0, batch_size=8, mix="dw")  # DP mixed alike
+    kept = replace(mean, norm="pieces")
+    mixed, own = lengths(assemble(tiny_seed, history, pieces, mean), pieces)
+    assert mixed < 0.9 * own  # three random directions partly cancel
+    rescaled = assemble(tiny_seed, history, pieces, kept)
+    assert rescaled.choices == assemble(tiny_seed, history, pieces, mean).choices  # the choice does not change
+    assert lengths(rescaled, pieces)[0] == pytest.approx(own, rel=1e-4)
+    assert lengths(assemble(tiny_seed, history, private, kept), private)[0] == pytest.approx(mixed, rel=1e-4)
+    # the random baseline follows the same rule
+    rmixed, rown = lengths(random_assembly(pieces, mean, rng_seed=3), pieces)
+    assert lengths(random_assembly(pieces, kept, rng_seed=3), pieces)[0] == pytest.approx(rown, rel=1e-4)
+    assert rmixed < 0.9 * rown
+    assert lengths(random_assembly(private, kept, rng_seed=3), private)[0] == pytest.approx(rmixed, rel=1e-4)
+    with pytest.raises(ValueError, match="mix-norm pieces"):
+        from protocols.settings import ParticipantSettings
+        ParticipantSettings(mix="ab", mix_norm="pieces")
