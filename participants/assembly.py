@@ -6,8 +6,9 @@ keep the top k pieces (k = dp-top-k where every candidate carries DP-SGD's ε: t
 more of them average it out), w = softmax(score / tau) (tau = dp-temperature there: noisy pieces and noisy gates
 are better mixed evenly), and mix the updates (dw, the default) or A and B separately (ab, Per-Pcs's own):
     dW_m = sum_j w_j s_j B_j A_j            or    A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j
-(s_j = alpha_j / rank_j folded into B). With mix-norm "pieces" a dw mix is rescaled to sum_j w_j |s_j B_j A_j|
-(Frobenius): pieces whose directions differ no longer shorten the mix, and it is never longer than its longest.
+(s_j = alpha_j / rank_j folded into B). With mix-norm "pieces" (the default) a dw mix is rescaled to
+sum_j w_j |s_j B_j A_j| (Frobenius): pieces whose directions differ no longer shorten the mix, and it is never
+longer than its longest; not where any candidate is DP-trained.
 The mix is applied inside the same forward pass, so positions later in the network are scored on
 activations that already carry the earlier choices. Each history batch assembles anew; the
 adapter is the uniform mean of the per-batch mixes.
@@ -227,9 +228,10 @@ def assemble(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece
 
 
 def rescales(pieces: list[Piece], settings: AssemblySettings) -> bool:
-    """Whether a position's dw mix is rescaled to its pieces' mean length: mix-norm pieces, except where every
-    candidate is DP-trained (there the mean's shortness is independent noise cancelling, which a rescale undoes)."""
-    return settings.norm == "pieces" and settings.mix == "dw" and not all_dp(pieces)
+    """Whether a position's dw mix is rescaled to its pieces' mean length: mix-norm pieces, except where any
+    candidate is DP-trained (there the mean's shortness is partly independent noise cancelling, which a rescale
+    would undo, and a noised piece's own length is partly noise)."""
+    return settings.norm == "pieces" and settings.mix == "dw" and not any(p.dp_epsilon is not None for p in pieces)
 
 
 def update_gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

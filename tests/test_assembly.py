@@ -69,8 +69,11 @@ def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
     np.testing.assert_allclose(result.weights[Q0][1], B, rtol=1e-4, atol=1e-6)
     chosen = [pid for pid, _ in result.choices[0][Q0]]
     assert chosen == [pieces[i].piece_id for i in top]
-    # dw: the update is the weighted sum of the chosen pieces' updates, exactly, at rank top-k x r
-    dW = sum(wi * pieces[i].scaling * pieces[i].B @ pieces[i].A for wi, i in zip(w, top))
+    # dw: the update is the weighted sum of the chosen pieces' updates, exactly, at rank top-k x r, rescaled
+    # (mix-norm pieces, the default) to the weighted mean of their own lengths
+    own = [pieces[i].scaling * pieces[i].B @ pieces[i].A for i in top]
+    dW = sum(wi * u for wi, u in zip(w, own))
+    dW = dW * sum(wi * np.linalg.norm(u) for wi, u in zip(w, own)) / np.linalg.norm(dW)
     A_dw, B_dw = updates.weights[Q0]
     assert updates.rank == 2 * pieces[0].rank == A_dw.shape[0]
     np.testing.assert_allclose(B_dw @ A_dw, dW, rtol=1e-4, atol=1e-6)
@@ -223,7 +226,7 @@ def test_dp_temperature_evens_the_mix_only_where_every_candidate_was_dp_trained(
         assert (max(w) / min(w) > 1.05) == uneven
 
 
-def test_mix_norm_pieces_makes_the_mix_as_long_as_its_pieces_except_where_all_are_dp(tiny_seed, make_records, key):
+def test_mix_norm_pieces_makes_the_mix_as_long_as_its_pieces_except_where_any_is_dp(tiny_seed, make_records, key):
     from dataclasses import replace
 
     rng = np.random.default_rng(11)
@@ -237,7 +240,8 @@ def test_mix_norm_pieces_makes_the_mix_as_long_as_its_pieces_except_where_all_ar
         own = sum(w[p.piece_id] * np.linalg.norm(p.scaling * p.B @ p.A) for p in used if p.piece_id in w)
         return np.linalg.norm(B @ A), own
 
-    mean = AssemblySettings(top_k=3, dp_top_k=3, dp_temperature=1.0, batch_size=8, mix="dw")  # DP mixed alike
+    mean = AssemblySettings(top_k=3, dp_top_k=3, dp_temperature=1.0, batch_size=8, mix="dw",  # DP mixed alike
+                            norm="mean")
     kept = replace(mean, norm="pieces")
     mixed, own = lengths(assemble(tiny_seed, history, pieces, mean), pieces)
     assert mixed < 0.9 * own  # three random directions partly cancel
@@ -245,6 +249,9 @@ def test_mix_norm_pieces_makes_the_mix_as_long_as_its_pieces_except_where_all_ar
     assert rescaled.choices == assemble(tiny_seed, history, pieces, mean).choices  # the choice does not change
     assert lengths(rescaled, pieces)[0] == pytest.approx(own, rel=1e-4)
     assert lengths(assemble(tiny_seed, history, private, kept), private)[0] == pytest.approx(mixed, rel=1e-4)
+    some = private[:2] + pieces[2:]  # one DP-trained candidate is enough to keep the mean
+    assert lengths(assemble(tiny_seed, history, some, kept), some)[0] == pytest.approx(
+        lengths(assemble(tiny_seed, history, some, mean), some)[0], rel=1e-4)
     # the random baseline follows the same rule
     rmixed, rown = lengths(random_assembly(pieces, mean, rng_seed=3), pieces)
     assert lengths(random_assembly(pieces, kept, rng_seed=3), pieces)[0] == pytest.approx(rown, rel=1e-4)

@@ -376,3 +376,13 @@ def test_rotating_folds_make_every_user_a_target_with_the_others_as_sharers(tmp_
         fold = {users[(i + j) % 4] for j in (1, 2)}
         assert set(mine["lorahub"]["detail"]["sharer_weights"]) == fold  # never its own adapter
         assert mine["perpcs+rag"]["tokens_forward"] == mine["perpcs"]["tokens_forward"]
+
+
+def test_a_run_folder_from_before_mix_norm_resumes_only_with_the_mean_it_ran_with(tmp_path):
+    old = BenchSettings(mix_norm="mean").to_json()
+    del old["mix_norm"]  # written before the setting existed, when every mix was the mean
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="mix_norm: 'mean' there, 'pieces' now"):
+        check_run_dir(tmp_path, BenchSettings())
+    check_run_dir(tmp_path, BenchSettings(mix_norm="mean"))
+    assert json.loads((tmp_path / "settings.json").read_text())["mix_norm"] == "mean"

@@ -68,7 +68,7 @@ class BenchSettings(ParticipantSettings, UserSettings):
                            "each target's methods run on its seed (\"\": all on --seed-model)")
 
     # what a run directory written before a setting existed ran with, where that is not today's default
-    RAN_BEFORE: ClassVar[dict] = {"max_share_ratio": 1.0}
+    RAN_BEFORE: ClassVar[dict] = {"max_share_ratio": 1.0, "mix_norm": "mean"}
     # settings that only these methods read (the zeroth-order ones also whenever the run's trainer is not AdamW)
     USED_ONLY_BY: ClassVar[dict] = {"ft_steps": ("perpcs+ft", "perpcs+zo"), "lorahub_steps": ("lorahub",),
                                     "rag_k": ("rag", "perpcs+rag")} | {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
 from participants.privacy_policy import PrivacyPolicy
 from protocols.settings import ParticipantSettings, check, same_as, setting
@@ -52,6 +53,8 @@ def epsilon_value(label: str) -> float | None:
 
 @dataclass(frozen=True)
 class AuditSettings(ParticipantSettings, UserSettings):
+    # what a run directory written before a setting existed ran with, where that is not today's default
+    RAN_BEFORE: ClassVar[dict] = {"mix_norm": "mean"}
     users: int | None = setting(None, "users audited, each a sharer attacked and a target of the others' pieces "
                                       "(default: every user of the data with history + test records)", low=2)
     share_ratios: tuple[float, ...] = setting((1.0, 0.5, 0.25), "comma-separated max-share-ratio values of the "
