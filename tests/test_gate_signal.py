@@ -90,7 +90,7 @@ def test_dw_mixing_is_the_weighted_sum_of_the_updates(tiny_seed, make_records):
     pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(4)]
     history = make_records("n", "ZAP", 4)
     ab = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, mix="ab"))
-    dw = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, mix="dw"))
+    dw = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, mix="dw", norm="mean"))  # not rescaled
     assert dw.rank == 2 * ab.rank and dw.weights[Q0][0].shape == (8, 64)
     by_id = {p.piece_id: p for p in pieces}
     (choice,) = [c[Q0] for c in dw.choices]  # one history batch
@@ -99,7 +99,7 @@ def test_dw_mixing_is_the_weighted_sum_of_the_updates(tiny_seed, make_records):
     np.testing.assert_allclose(B @ A, want, rtol=1e-4, atol=1e-5)
     A2, B2 = ab.weights[Q0]
     assert not np.allclose(B2 @ A2, want, atol=1e-3)  # A and B mixed apart: cross terms
-    drawn = random_assembly(pieces, AssemblySettings(top_k=2, mix="dw"), rng_seed=0)
+    drawn = random_assembly(pieces, AssemblySettings(top_k=2, mix="dw", norm="mean"), rng_seed=0)
     (choice,) = drawn.choices
     want = sum(w * (by_id[i].B * by_id[i].scaling) @ by_id[i].A for i, w in choice[Q0])
     np.testing.assert_allclose(drawn.weights[Q0][1] @ drawn.weights[Q0][0], want, rtol=1e-4, atol=1e-5)
