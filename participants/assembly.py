@@ -6,7 +6,7 @@ keep the top k pieces (k = dp-top-k where every candidate carries DP-SGD's ε: t
 more of them average it out), w = softmax(score / tau) (tau = dp-temperature there: noisy pieces and noisy gates
 are better mixed evenly), and mix the updates (dw, the default) or A and B separately (ab, Per-Pcs's own):
     dW_m = sum_j w_j s_j B_j A_j            or    A_m = sum_j w_j A_j,   B_m = sum_j w_j s_j B_j
-(s_j = alpha_j / rank_j folded into B). With mix-norm "pieces" (the default) a dw mix is rescaled to
+(s_j = alpha_j / rank_j folded into B). With mix-norm "pieces" a dw mix is rescaled to
 sum_j w_j |s_j B_j A_j| (Frobenius): pieces whose directions differ no longer shorten the mix, and it is never
 longer than its longest; not where any candidate is DP-trained.
 The mix is applied inside the same forward pass, so positions later in the network are scored on

@@ -164,13 +164,13 @@ class ParticipantSettings:
     mix_scale: float = setting(1.0, "factor on the assembled update (scale x the mix): a weighted mean of "
                                     "independently trained pieces is shorter than each, as their own directions "
                                     "partly cancel", low=0, low_open=True, high=4)
-    mix_norm: str = setting("pieces", "the length of a dw mix: pieces (the pieces' weighted mean update rescaled to "
-                                      "the weighted mean of their own lengths: never longer than the longest) or "
-                                      "mean (left as the mean, shorter than each piece where their directions "
-                                      "differ); at a position with any DP-trained candidate the mean is kept, as "
-                                      "its shortness there is independent noise averaging out (health tweets, 16 "
-                                      "targets: pieces beat mean for 15; styleqa, 18: for 12)",
-                            choices=("mean", "pieces"))
+    mix_norm: str = setting("mean", "the length of a dw mix: mean (the weighted mean of the pieces' updates, shorter "
+                                    "than each where their directions differ) or pieces (that mean rescaled to the "
+                                    "weighted mean of the pieces' own lengths: never longer than the longest); at a "
+                                    "position with any DP-trained candidate the mean is kept. pieces helps where the "
+                                    "pool's adapters are short-trained (health tweets, 10 steps: better for 15 of "
+                                    "16 targets) and hurts where they are trained longer (48 steps: +0.29 "
+                                    "perplexity)", choices=("mean", "pieces"))
     shortlist: int = setting(6, "pieces per position a newcomer downloads after scoring the gates (>= top-k)",
                              low=1)
     gate_records: int = setting(0, "history items a newcomer scores the pool's gates on before choosing what to "

@@ -50,7 +50,8 @@ def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
     pieces = [make_piece(tiny_seed.descriptor, Q0, rng, key) for _ in range(4)]
     settings = AssemblySettings(top_k=2, temperature=0.5, batch_size=8, mix="ab")
     result = assemble(tiny_seed, history, pieces, settings)
-    updates = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, temperature=0.5, batch_size=8, mix="dw"))
+    updates = assemble(tiny_seed, history, pieces, AssemblySettings(top_k=2, temperature=0.5, batch_size=8, mix="dw",
+                                                                     norm="pieces"))
 
     # reference: layer 0 q_proj sees the normed embeddings, untouched by any other piece
     x, mask = layer0_q_inputs(tiny_seed, history)
@@ -70,7 +71,7 @@ def test_one_batch_assembly_matches_the_formula(tiny_seed, make_records, key):
     chosen = [pid for pid, _ in result.choices[0][Q0]]
     assert chosen == [pieces[i].piece_id for i in top]
     # dw: the update is the weighted sum of the chosen pieces' updates, exactly, at rank top-k x r, rescaled
-    # (mix-norm pieces, the default) to the weighted mean of their own lengths
+    # (mix-norm pieces) to the weighted mean of their own lengths
     own = [pieces[i].scaling * pieces[i].B @ pieces[i].A for i in top]
     dW = sum(wi * u for wi, u in zip(w, own))
     dW = dW * sum(wi * np.linalg.norm(u) for wi, u in zip(w, own)) / np.linalg.norm(dW)

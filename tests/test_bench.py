@@ -383,6 +383,6 @@ def test_a_run_folder_from_before_mix_norm_resumes_only_with_the_mean_it_ran_wit
     del old["mix_norm"]  # written before the setting existed, when every mix was the mean
     (tmp_path / "settings.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="mix_norm: 'mean' there, 'pieces' now"):
-        check_run_dir(tmp_path, BenchSettings())
-    check_run_dir(tmp_path, BenchSettings(mix_norm="mean"))
+        check_run_dir(tmp_path, BenchSettings(mix_norm="pieces"))
+    check_run_dir(tmp_path, BenchSettings())
     assert json.loads((tmp_path / "settings.json").read_text())["mix_norm"] == "mean"
