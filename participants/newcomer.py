@@ -1,4 +1,5 @@
-"""The newcomer's pipeline: shortlist the pool's pieces by their gates, fetch those, check them, assemble, save.
+"""The newcomer's pipeline: shortlist the pool's pieces by their gates, fetch those, check them, (optionally) try
+each contributor's pieces on a few history items and keep the most helpful, assemble, save.
 
 The federated flow spans two messages (the gates arrive in one, the shortlisted pieces in the next), so the
 ClientApp calls `shortlist_pieces` and `assemble_pieces` in turn; `assemble_from_pool` runs both around a
@@ -20,6 +21,7 @@ import numpy as np
 from participants.adapters import save_peft_adapter
 from participants.assembly import Assembly, assemble, shortlist
 from participants.chat_data import encode_all
+from participants.contributor_probe import Probe, by_contributor, kept_pieces, probe_contributors
 from participants.seed_loading import LoadedSeed
 from participants.settings import assembly_settings
 from protocols.piece_bounds import PieceBounds, mixed_problem, nonfinite_problem, size_problem
@@ -47,6 +49,16 @@ def shortlist_pieces(seed: LoadedSeed, history: list[PersonalRecord], gates: Seq
     if not scored:
         return [pid for pid, *_ in gates]
     return shortlist(seed, scored, list(gates), assembly_settings(s))
+
+
+def contributor_probe(seed: LoadedSeed, history: list[PersonalRecord], pieces: list[Piece],
+                      s: ParticipantSettings) -> Probe | None:
+    """The probe of participants.contributor_probe on the last `s.probe_records` history items, or None when it is
+    off or has nothing to choose (no more contributors than it keeps)."""
+    if not s.probe_records or len(by_contributor(pieces)) <= s.probe_keep:
+        return None
+    return probe_contributors(seed, history[-s.probe_records:], pieces, s.probe_keep, max_len=s.max_len,
+                              batch_size=s.assembly_batch_size)
 
 
 def piece_problem(p: Piece, seed: LoadedSeed, bounds: PieceBounds) -> str | None:
@@ -85,7 +97,16 @@ def assemble_pieces(seed: LoadedSeed, history: list[PersonalRecord], pieces: lis
     if bad:
         raise ValueError(f"refusing the {len(pieces)} pieces received: {len(bad)} fail the device's checks, e.g. "
                          f"{'; '.join(bad[:3])}")
-    result = assemble(seed, history, pieces, assembly_settings(s))
+    start = time.perf_counter()
+    probe = contributor_probe(seed, history, pieces, s)
+    if probe is not None:
+        pieces = kept_pieces(pieces, probe)
+    probe_seconds = time.perf_counter() - start
+    result = assemble(seed, history[-s.assembly_records:] if s.assembly_records else history, pieces,
+                      assembly_settings(s))
+    if probe is not None:  # its cost is the newcomer's too
+        result.tokens += probe.tokens
+        result.seconds += probe_seconds
     wrong = mixed_problem(result.weights, bounds)
     if wrong:
         raise ValueError(f"the assembled adapter is out of bounds and is not saved: {wrong}")

@@ -175,6 +175,14 @@ class ParticipantSettings:
                              low=1)
     gate_records: int = setting(0, "history items a newcomer scores the pool's gates on before choosing what to "
                                    "download (its last ones; 0: all)", low=0)
+    probe_records: int = setting(0, "history items a newcomer tries each contributor's received pieces on, alone, "
+                                    "after the download (its last ones): only the probe-keep contributors whose "
+                                    "pieces give them the lowest loss are mixed; gates score likeness of inputs, "
+                                    "this scores whether the pieces help (0: no probe)", low=0)
+    probe_keep: int = setting(3, "contributors whose pieces go on to the mix after the probe", low=1)
+    assembly_records: int = setting(0, "history items the assembly scores the gates on as it mixes (its last ones; "
+                                       "0: all): fewer cost less where the probe has already narrowed the pool",
+                                    low=0)
     assembly_batch_size: int = setting(8, "history items per assembly forward pass", low=1)
     max_new_tokens: int = setting(40, "greedy generation length when evaluating", low=1)
     generate: bool = setting(True, "evaluate greedy generations (ROUGE) besides perplexity")
