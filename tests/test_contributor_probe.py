@@ -117,3 +117,15 @@ def test_assembly_records_limits_the_assembly_to_the_last_history_items(tiny_see
     result = assemble_pieces(tiny_seed, history, helpful, s)
     assert result.tokens == sum(len(e.input_ids) for e in encode_all(tiny_seed.tokenizer, history[-2:], 48))
     assert len(result.choices) == 1  # one batch of two items
+
+
+def test_with_the_probe_the_newcomer_downloads_every_piece(tiny_seed, pool):
+    from participants.newcomer import shortlist_pieces
+
+    history, helpful, harmful = pool
+    pieces = helpful + harmful[0] + harmful[1]
+    gates = [(p.piece_id, p.position, p.rank, p.gate) for p in pieces]
+    s = ParticipantSettings(seed_model="tiny-random", top_k=1, shortlist=1, max_len=48)
+    assert len(shortlist_pieces(tiny_seed, history, gates, s)) == len(helpful)  # one a position, by the gates
+    probed = ParticipantSettings(seed_model="tiny-random", top_k=1, shortlist=1, max_len=48, probe_records=1)
+    assert shortlist_pieces(tiny_seed, history, gates, probed) == [p.piece_id for p in pieces]
