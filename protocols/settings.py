@@ -185,7 +185,8 @@ class ParticipantSettings:
                                     "partner, it changed nothing and cost 16.4%. The probe needs each contributor's "
                                     "whole share, so the newcomer downloads every piece of the pool (no gate phase; "
                                     "on the gates' shortlist alone: 78.4%) (0: no probe)", low=0)
-    probe_keep: int = setting(3, "contributors whose pieces go on to the mix after the probe", low=1)
+    probe_keep: int = setting(3, "contributors whose pieces go on to the mix after the probe, at each position the "
+                                 "best-ranked of those that sent a piece there", low=1)
     assembly_records: int = setting(0, "history items the assembly scores the gates on as it mixes (its last ones; "
                                        "0: all): fewer cost less where the probe has already narrowed the pool",
                                     low=0)

@@ -73,7 +73,7 @@ def test_the_probe_keeps_the_contributor_whose_pieces_lower_the_history_loss(tin
     history, helpful, harmful = pool
     pieces = helpful + harmful[0] + harmful[1]
     probe = probe_contributors(tiny_seed, history, pieces, 1, max_len=48, batch_size=8)
-    assert probe.kept == [helpful[0].contributor]
+    assert probe.ranking[0] == helpful[0].contributor
     # each loss is that contributor's pieces alone, and the helpful one is below the seed's, the harmful above
     for own in (helpful, *harmful):
         assert probe.losses[own[0].contributor] == pytest.approx(_loss(tiny_seed, history, own), rel=1e-5)
@@ -129,3 +129,16 @@ def test_with_the_probe_the_newcomer_downloads_every_piece(tiny_seed, pool):
     assert len(shortlist_pieces(tiny_seed, history, gates, s)) == len(helpful)  # one a position, by the gates
     probed = ParticipantSettings(seed_model="tiny-random", top_k=1, shortlist=1, max_len=48, probe_records=1)
     assert shortlist_pieces(tiny_seed, history, gates, probed) == [p.piece_id for p in pieces]
+
+
+def test_each_position_keeps_the_best_ranked_contributors_that_sent_a_piece_there(tiny_seed, pool):
+    from participants.contributor_probe import Probe, kept_pieces
+
+    _, helpful, harmful = pool
+    first = helpful[0].position
+    pieces = helpful[1:] + harmful[0] + harmful[1]  # the helpful contributor sent nothing at the first position
+    ranking = [helpful[0].contributor, harmful[1][0].contributor, harmful[0][0].contributor]
+    kept = kept_pieces(pieces, Probe({}, ranking, 1, 0))
+    assert {p.position for p in kept} == {p.position for p in helpful}  # every position keeps a candidate
+    assert [p.contributor for p in kept if p.position == first] == [harmful[1][0].contributor]
+    assert all(p.contributor == helpful[0].contributor for p in kept if p.position != first)
